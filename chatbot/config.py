@@ -1,0 +1,108 @@
+"""Model configuration and named presets.
+
+A config is a frozen dataclass: derive variants with ``dataclasses.replace`` and every variant is
+validated in ``__post_init__``.  ``config.json`` in a model directory is ``ModelConfig.to_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+BlockType = Literal["evolved", "vanilla"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_heads: int = 4
+    n_encoder_layers: int = 1
+    n_decoder_layers: int = 4
+    block_type: BlockType = "evolved"
+    dropout: float = 0.1  # residual and inner dropout
+    attention_dropout: float = 0.1
+    max_source_len: int = 128
+    max_target_len: int = 128
+    pad_id: int = 0
+    bos_id: int = 1
+    eot_id: int = 2
+    model_type: str = "evolved_transformer_chat"  # marker in config.json
+
+    def __post_init__(self) -> None:
+        if self.block_type not in ("evolved", "vanilla"):
+            raise ConfigError(f"block_type must be 'evolved' or 'vanilla', got {self.block_type!r}")
+        if self.d_model <= 0 or self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+        if self.block_type == "evolved":
+            if self.d_model % 2:
+                raise ConfigError("the Evolved Transformer needs an even d_model (its convs write d/2 channels)")
+            if self.d_model % self.self_attention_heads:
+                raise ConfigError(
+                    f"d_model ({self.d_model}) must divide by the decoder's wide self-attention heads "
+                    f"({self.self_attention_heads})"
+                )
+        if self.n_encoder_layers < 0 or self.n_decoder_layers < 1:
+            raise ConfigError("need n_encoder_layers >= 0 and n_decoder_layers >= 1")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.attention_dropout < 1.0):
+            raise ConfigError("dropout rates must be in [0, 1)")
+        if self.vocab_size <= max(self.pad_id, self.bos_id, self.eot_id):
+            raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the special token ids")
+        if self.max_source_len < 1 or self.max_target_len < 2:
+            raise ConfigError("max_source_len must be >= 1 and max_target_len >= 2")
+
+    @property
+    def self_attention_heads(self) -> int:
+        """Heads of the ET decoder's first (wide) self-attention: max(min(2H, 16), H)."""
+        return max(min(2 * self.n_heads, 16), self.n_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"architectures", "transformers_version"})
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
+        return cls.from_dict(data)
+
+
+# Named presets.  `tiny` drives the tests; `default` is the CPU model we ship (chosen by the
+# measurement in docs/benchmarks.md); `base`/`large` are GPU presets; `meena` is the paper's shape.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=512, d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=2,
+                        max_source_len=64, max_target_len=32),
+    "default": ModelConfig(d_model=256, n_heads=4, n_encoder_layers=1, n_decoder_layers=4),
+    # The vanilla Transformer at the default's parameter count: 2*12 + 7*16 = 136 d^2 vs ET's 21.5 + 4*28.5 = 135.5 d^2.
+    "default-vanilla": ModelConfig(d_model=256, n_heads=4, n_encoder_layers=2, n_decoder_layers=7, block_type="vanilla"),
+    "base": ModelConfig(d_model=512, n_heads=8, n_encoder_layers=1, n_decoder_layers=8),
+    "large": ModelConfig(d_model=1024, n_heads=16, n_encoder_layers=1, n_decoder_layers=13),
+    "meena": ModelConfig(d_model=2560, n_heads=32, n_encoder_layers=1, n_decoder_layers=13),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+    return dataclasses.replace(base, **overrides) if overrides else base

@@ -1,0 +1,352 @@
+"""Conversations in, memory-mapped (context, response) examples out.
+
+Flow: a source (the bundled chitchat corpus, or a user's JSONL file) yields ``Conversation``s one at a
+time; each goes to the train, valid or test split by a hash of its id (stable across machines and
+runs); each split is tokenized once into a directory of flat arrays:
+
+    tokens.bin        every turn's token ids back to back (uint16, or uint32 for vocabularies > 65535)
+    turn_offsets.npy  int64 (n_turns + 1): turn t is tokens[offsets[t]:offsets[t+1]]
+    turn_words.npy    int32 (n_turns): whitespace words per turn, for per-word perplexity
+    examples.npy      int64 (n_examples, 2): (response turn, first context turn), at most 7 turns back
+    meta.json         counts, source, tokenizer fingerprint, limits
+
+so a corpus of any size trains without living in RAM as Python objects.  An example is assembled on
+demand: context = its turns joined by <sep> and cut from the left to ``max_source_len`` tokens; the
+response is cut to ``max_target_len - 1`` tokens and followed by the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, SEP_ID, ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXT_TURNS = 7
+SPLITS = ("train", "valid", "test")
+# Share of conversations per split, by a hash of the conversation id: 95% / 2.5% / 2.5%.
+SPLIT_PER_MILLE = {"valid": 25, "test": 25}
+FORMAT_VERSION = 1
+
+
+class CorpusError(ValueError):
+    """A corpus file is malformed; the message names the file and the line."""
+
+    def __init__(self, path: str | Path, line: int, problem: str):
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path, self.line, self.problem = str(path), line, problem
+
+
+@dataclass(frozen=True)
+class Turn:
+    speaker: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    turns: tuple[Turn, ...]
+
+
+def merge_consecutive(turns: Iterable[Turn]) -> tuple[Turn, ...]:
+    """Consecutive messages by one speaker form one turn (joined by a space); empty messages drop."""
+    merged: list[Turn] = []
+    for turn in turns:
+        text = turn.text.strip()
+        if not text:
+            continue
+        if merged and merged[-1].speaker == turn.speaker:
+            merged[-1] = Turn(turn.speaker, merged[-1].text + " " + text)
+        else:
+            merged.append(Turn(turn.speaker, text))
+    return tuple(merged)
+
+
+def split_of(conversation_id: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(conversation_id.encode()).digest()[:4], "big") % 1000
+    if bucket < SPLIT_PER_MILLE["test"]:
+        return "test"
+    if bucket < SPLIT_PER_MILLE["test"] + SPLIT_PER_MILLE["valid"]:
+        return "valid"
+    return "train"
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def chitchat_conversations() -> Iterator[Conversation]:
+    """The bundled BYU Chit-Chat corpus (``chitchat-dataset``, MIT), in a stable id order."""
+    import chitchat_dataset
+
+    dataset = chitchat_dataset.Dataset()
+    for conv_id in sorted(dataset):
+        messages = (m for turn in dataset[conv_id]["messages"] for m in turn)
+        yield Conversation(conv_id, merge_consecutive(Turn(m["sender"], m["text"]) for m in messages))
+
+
+@dataclass
+class SkipReport:
+    """Lines skipped with ``--skip-bad-lines``: how many, and the first few reasons."""
+
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, error: CorpusError) -> None:
+        self.skipped += 1
+        if len(self.examples) < 5:
+            self.examples.append(str(error))
+
+
+def parse_jsonl_line(path: str | Path, line_no: int, line: str) -> Conversation:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CorpusError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise CorpusError(path, line_no, f"expected a JSON object, got {type(record).__name__}")
+    conv_id, turns = record.get("id"), record.get("turns")
+    if not isinstance(conv_id, str) or not conv_id:
+        raise CorpusError(path, line_no, "field 'id' must be a non-empty string")
+    if not isinstance(turns, list):
+        raise CorpusError(path, line_no, "field 'turns' must be a list of {speaker, text} objects")
+    parsed = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise CorpusError(path, line_no, f"turns[{i}] must be an object with 'speaker' and 'text'")
+        speaker, text = turn.get("speaker"), turn.get("text")
+        if not isinstance(speaker, str) or not isinstance(text, str):
+            raise CorpusError(path, line_no, f"turns[{i}] needs string fields 'speaker' and 'text'")
+        parsed.append(Turn(speaker, text))
+    return Conversation(conv_id, merge_consecutive(parsed))
+
+
+def jsonl_conversations(path: str | Path, skip_bad_lines: bool = False,
+                        report: SkipReport | None = None) -> Iterator[Conversation]:
+    """Stream a JSONL corpus: one ``{"id", "turns": [{"speaker", "text"}, ...]}`` object a line."""
+    seen: set[str] = set()
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                conv = parse_jsonl_line(path, line_no, line)
+                if conv.id in seen:
+                    raise CorpusError(path, line_no, f"duplicate conversation id {conv.id!r}")
+                seen.add(conv.id)
+            except CorpusError as e:
+                if not skip_bad_lines:
+                    raise
+                if report is not None:
+                    report.add(e)
+                continue
+            yield conv
+
+
+def conversations(source: str, skip_bad_lines: bool = False, report: SkipReport | None = None) -> Iterator[Conversation]:
+    if source == "chitchat":
+        return chitchat_conversations()
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"--data {source!r}: no such file (use 'chitchat' or a JSONL corpus path)")
+    return jsonl_conversations(source, skip_bad_lines, report)
+
+
+def join_context(turns: list, max_source_len: int) -> np.ndarray:
+    """Token ids of the last ``MAX_CONTEXT_TURNS`` turns joined by <sep>, cut from the left."""
+    parts: list[np.ndarray] = []
+    for ids in turns[-MAX_CONTEXT_TURNS:]:
+        if parts:
+            parts.append(np.array([SEP_ID], dtype=np.int64))
+        parts.append(np.asarray(ids, dtype=np.int64))
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts)[-max_source_len:]
+
+
+# ----------------------------------------------------------------------------------------- on disk
+
+
+def source_key(source: str) -> str:
+    """Names a cache entry: 'chitchat', or the file's name plus a hash of its path, size and mtime."""
+    if source == "chitchat":
+        return "chitchat"
+    st = os.stat(source)
+    digest = hashlib.sha256(f"{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{Path(source).stem}-{digest}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CHATBOT_CACHE", Path.home() / ".cache" / "chatbot"))
+
+
+def write_split(convs: Iterable[Conversation], tokenizer: ChatTokenizer, out_dir: Path, meta: dict,
+                batch_size: int = 512, progress: bool = True) -> Path:
+    """Tokenize conversations into ``out_dir`` (see the module docstring); written atomically."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    offsets, words, examples = [0], [], []
+    n_conv = 0
+    with open(tmp / "tokens.bin", "wb") as tokens_file:
+        pending: list[Conversation] = []
+
+        def flush() -> None:
+            texts = [t.text for c in pending for t in c.turns]
+            encoded = tokenizer.encode_batch(texts)
+            k = 0
+            for conv in pending:
+                first_turn = len(offsets) - 1
+                for j in range(len(conv.turns)):
+                    ids = np.asarray(encoded[k], dtype=dtype)
+                    ids.tofile(tokens_file)
+                    offsets.append(offsets[-1] + len(ids))
+                    words.append(len(texts[k].split()))
+                    k += 1
+                    if j >= 1:  # every turn after the first is a response to the turns before it
+                        turn = first_turn + j
+                        examples.append((turn, max(first_turn, turn - MAX_CONTEXT_TURNS)))
+            pending.clear()
+
+        for conv in tqdm(convs, desc=f"tokenizing {out_dir.name}", unit=" conv", disable=not progress, leave=False):
+            n_conv += 1
+            pending.append(conv)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    np.save(tmp / "turn_offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(tmp / "turn_words.npy", np.asarray(words, dtype=np.int32))
+    np.save(tmp / "examples.npy", np.asarray(examples, dtype=np.int64).reshape(-1, 2))
+    meta = dict(meta, format_version=FORMAT_VERSION, tokenizer=tokenizer.fingerprint(),
+                dtype=np.dtype(dtype).name, n_conversations=n_conv, n_turns=len(words),
+                n_examples=len(examples), n_tokens=offsets[-1])
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # (B, S) context ids, right-padded
+    tgt_in: torch.Tensor  # (B, T) <s> + response
+    tgt_out: torch.Tensor  # (B, T) response + </t>
+    words: int  # whitespace words in the responses plus one end-of-turn per response
+
+    @property
+    def target_tokens(self) -> int:
+        return int(self.tgt_out.ne(PAD_ID).sum())
+
+
+class ExampleStore:
+    """Read-only view of one tokenized split; assembles examples and batches on demand."""
+
+    def __init__(self, directory: str | Path, max_source_len: int = 128, max_target_len: int = 128):
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.dir}: data format {self.meta.get('format_version')} != {FORMAT_VERSION}; re-tokenize")
+        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=self.meta["dtype"], mode="r") \
+            if self.meta["n_tokens"] else np.zeros(0, dtype=self.meta["dtype"])
+        self.offsets = np.load(self.dir / "turn_offsets.npy")
+        self.words = np.load(self.dir / "turn_words.npy")
+        self.examples = np.load(self.dir / "examples.npy")
+        if len(self.offsets) != self.meta["n_turns"] + 1 or len(self.examples) != self.meta["n_examples"]:
+            raise ValueError(f"{self.dir}: arrays disagree with meta.json; re-tokenize")
+        self.max_source_len, self.max_target_len = max_source_len, max_target_len
+        resp, first = self.examples[:, 0], self.examples[:, 1]
+        # Context length: the turns' tokens plus one separator between consecutive turns.
+        ctx = self.offsets[resp] - self.offsets[first] + (resp - first - 1)
+        self.source_lengths = np.minimum(ctx, max_source_len)
+        self.target_lengths = np.minimum(self.offsets[resp + 1] - self.offsets[resp], max_target_len - 1) + 1
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def turn(self, t: int) -> np.ndarray:
+        return self.tokens[self.offsets[t]:self.offsets[t + 1]]
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(context ids, response ids without </t>) for example ``i``, limits applied."""
+        resp, first = (int(v) for v in self.examples[i])
+        context = join_context([self.turn(t) for t in range(first, resp)], self.max_source_len)
+        return context, self.turn(resp)[: self.max_target_len - 1]
+
+    def collate(self, indices: Iterable[int]) -> Batch:
+        pairs = [self.example(int(i)) for i in indices]
+        B = len(pairs)
+        S = max(len(c) for c, _ in pairs)
+        T = max(len(r) for _, r in pairs) + 1
+        src = np.full((B, S), PAD_ID, dtype=np.int64)
+        tgt_in = np.full((B, T), PAD_ID, dtype=np.int64)
+        tgt_out = np.full((B, T), PAD_ID, dtype=np.int64)
+        for b, (context, response) in enumerate(pairs):
+            src[b, : len(context)] = context
+            tgt_in[b, 0], tgt_in[b, 1 : len(response) + 1] = BOS_ID, response
+            tgt_out[b, : len(response)], tgt_out[b, len(response)] = response, EOT_ID
+        words = int(sum(self.words[self.examples[int(i), 0]] + 1 for i in indices))
+        return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), words)
+
+    def batches(self, max_tokens: int, seed: int | None = None, epoch: int = 0) -> list[np.ndarray]:
+        """Token-budget batches of example indices: padded (source + target) tokens <= max_tokens.
+
+        Examples of similar length go together so little is padding; with a seed, ties are broken and
+        the batch order shuffled by (seed, epoch), so any epoch's batch list can be rebuilt exactly.
+        """
+        n = len(self)
+        rng = np.random.default_rng([seed, epoch]) if seed is not None else None
+        tiebreak = rng.random(n) if rng is not None else np.arange(n)
+        order = np.lexsort((tiebreak, self.source_lengths, self.target_lengths))
+        batches, start, max_s, max_t = [], 0, 0, 0
+        for pos, i in enumerate(order):
+            s, t = self.source_lengths[i], self.target_lengths[i]
+            new_s, new_t = max(max_s, s), max(max_t, t)
+            if pos > start and (pos - start + 1) * (new_s + new_t) > max_tokens:
+                batches.append(order[start:pos])
+                start, new_s, new_t = pos, s, t
+            max_s, max_t = new_s, new_t
+        if start < n:
+            batches.append(order[start:])
+        if rng is not None:
+            rng.shuffle(batches)
+        return batches
+
+
+def prepare_splits(source: str, tokenizer: ChatTokenizer, splits: Iterable[str] = SPLITS,
+                   skip_bad_lines: bool = False, cache_dir: Path | None = None,
+                   whole_file_as: str | None = None) -> dict[str, Path]:
+    """Tokenize the wanted splits of ``source`` once, caching by (source, tokenizer).
+
+    ``whole_file_as`` puts every conversation into that one split (a user's held-out test file).
+    Returns split -> directory.
+    """
+    splits = list(splits)
+    root = (cache_dir or cache_root()) / "data" / f"{source_key(source)}-{tokenizer.fingerprint()}"
+    if whole_file_as:
+        root = root / "whole"
+    wanted = {s: root / s for s in splits}
+    missing = [s for s, d in wanted.items() if not (d / "meta.json").exists()]
+    if not missing:
+        return wanted
+    report = SkipReport()
+    # One streaming pass per missing split keeps memory flat; chitchat is small enough that it's cheap.
+    for split in missing:
+        stream = conversations(source, skip_bad_lines, report if split == missing[0] else None)
+        selected = (c for c in stream if (whole_file_as or split_of(c.id)) == split)
+        write_split(selected, tokenizer, wanted[split], {"source": source, "split": split})
+    if report.skipped:
+        log.warning("skipped %d malformed lines in %s (first: %s)", report.skipped, source, "; ".join(report.examples))
+    return wanted

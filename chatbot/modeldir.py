@@ -1,0 +1,62 @@
+"""Self-describing model directories: ``config.json``, ``model.safetensors``, ``tokenizer.json``.
+
+The shipped default model lives in the package (``chatbot/assets/default``) so chat and serving work
+offline with no training step.  Weights may be stored in fp16 to halve the size; they load as fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chatbot.config import ModelConfig
+from chatbot.model import ChatModel
+from chatbot.tokenizer import ChatTokenizer
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+
+
+class ModelDirError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: ChatModel
+    tokenizer: ChatTokenizer
+    directory: Path
+
+
+def save_model(model: ChatModel, tokenizer: ChatTokenizer, directory: str | Path,
+               dtype: torch.dtype | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory / CONFIG)
+    tokenizer.save(directory / TOKENIZER)
+    state = {k: (v.detach().to(dtype) if dtype else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / WEIGHTS)  # a crash mid-write never leaves a torn model file
+    return directory
+
+
+def load_model(directory: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model directory (the shipped default when ``directory`` is None) in eval mode, fp32."""
+    directory = Path(directory) if directory else DEFAULT_MODEL_DIR
+    for name in (CONFIG, WEIGHTS, TOKENIZER):
+        if not (directory / name).is_file():
+            hint = " (the shipped model is missing: reinstall the package)" if directory == DEFAULT_MODEL_DIR else ""
+            raise ModelDirError(f"{directory}: missing {name}; a model directory holds {CONFIG}, {WEIGHTS} and {TOKENIZER}{hint}")
+    config = ModelConfig.load(directory / CONFIG)
+    tokenizer = ChatTokenizer.load(directory / TOKENIZER)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelDirError(f"{directory}: tokenizer has {tokenizer.vocab_size} entries but the model {config.vocab_size}")
+    model = ChatModel(config)
+    state = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
+    model.load_state_dict(state)
+    return LoadedModel(model.to(device).eval(), tokenizer, directory)

@@ -1,0 +1,1 @@
+"""Deployment helpers (many workers, GPUs): arrives with the deployment issue."""

@@ -1,0 +1,1 @@
+"""Knowledge retrieval (FAISS index, passage store, kNN datastore): arrives with the retrieval issue."""
