@@ -1,0 +1,45 @@
+"""Shared fixtures: a small JSONL corpus cut from the bundled chitchat data, and a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenized-data caches go to a per-session temp dir unless the caller chose one (make test does)."""
+    if "CHATBOT_CACHE" not in os.environ:
+        os.environ["CHATBOT_CACHE"] = str(tmp_path_factory.mktemp("chatbot-cache"))
+    return Path(os.environ["CHATBOT_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 400 chitchat conversations (by id) as a JSONL corpus in the documented user format."""
+    from chatbot.data import chitchat_conversations
+
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    with open(path, "w") as f:
+        for i, conv in enumerate(chitchat_conversations()):
+            if i == 400:
+                break
+            f.write(json.dumps({"id": conv.id, "turns": [{"speaker": t.speaker, "text": t.text} for t in conv.turns]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
+    """A `tiny` preset model (512-entry BPE) trained for a few seconds: a real model directory for tests."""
+    from chatbot.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    train(TrainConfig(out=str(out), preset="tiny", data=str(small_corpus), vocab_size=512, max_steps=60,
+                      warmup_steps=10, lr=3e-3, batch_tokens=2048, eval_every=60, save_every=60, progress=False))
+    return out
