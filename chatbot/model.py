@@ -228,7 +228,11 @@ class EvolvedDecoderBlock(nn.Module):
         return {"win1": zeros(batch, self.LEFT_KERNEL - 1, self.d),
                 "win2": zeros(batch, self.OUT_KERNEL - 1, 2 * self.d)}
 
-    def forward(self, x: Tensor, enc: dict[str, Tensor], enc_mask: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, enc: Tensor | dict[str, Tensor], enc_mask: Tensor,
+                cache: dict[str, Tensor] | None = None) -> Tensor:
+        """``enc``: encoder states (B, S, d), or their k/v already projected (incremental decoding)."""
+        if isinstance(enc, Tensor):  # projected here so FSDP has this block's weights gathered
+            enc = self.encoder_kv(enc)
         y = self.attn1_norm(x)
         h = self.drop(self.wide_self_attn.self_attend(y, cache, "wide"))
         if self.cross_attention:
@@ -280,7 +284,10 @@ class VanillaDecoderBlock(nn.Module):
     def empty_windows(self, batch: int, like: Tensor) -> dict[str, Tensor]:
         return {}
 
-    def forward(self, x: Tensor, enc: dict[str, Tensor], enc_mask: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, enc: Tensor | dict[str, Tensor], enc_mask: Tensor,
+                cache: dict[str, Tensor] | None = None) -> Tensor:
+        if isinstance(enc, Tensor):
+            enc = self.encoder_kv(enc)
         x = x + self.drop(self.self_attn.self_attend(self.self_norm(x), cache, "self"))
         if self.cross_attention:
             x = x + self.drop(self.enc_attn.attend(self.enc_norm(x), enc["enck"], enc["encv"], mask=enc_mask))
@@ -370,7 +377,7 @@ class ChatModel(nn.Module):
         x = self.embed(tgt_in)
         mask = enc.attention_mask
         for block in self.decoder:
-            x = block(x, block.encoder_kv(enc.states), mask)
+            x = block(x, enc.states, mask)
         return self.logits(self.decoder_norm(x))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:

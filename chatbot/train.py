@@ -341,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             last_valid = validate()
             if ddp.is_main:
-                bar.write(f"step {step}: valid perplexity {last_valid['perplexity']:.2f}")
+                log.info("step %d: valid perplexity %.2f", step, last_valid["perplexity"])
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save()
     bar.close()

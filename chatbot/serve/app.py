@@ -1,0 +1,163 @@
+"""The aiohttp application: an async factory that ``chatbot serve`` and the tests both call.
+
+External resources each get one cleanup context (acquire, yield, release): Redis, the model, the
+batcher.  Shutdown runs in this order: the listening socket closes (aiohttp), ``on_shutdown`` stops new
+sessions and messages, gives in-flight replies ``shutdown_grace_s`` to finish (the rest are failed
+with a retryable ``shutting_down`` error) and closes every websocket with 1001 GOING_AWAY; then the
+contexts unwind in reverse: batcher, model, Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from chatbot.serve.batcher import Batcher, Engine
+from chatbot.serve.config import ServeConfig
+from chatbot.serve.connection import ChatConnection
+from chatbot.serve.engine import DecodingConfig, ReplyEngine
+from chatbot.serve.metrics import ServiceMetrics
+from chatbot.serve.protocol import ErrorCode, ProtocolError
+from chatbot.serve.ratelimit import RateLimiter
+from chatbot.serve.redis_backend import open_redis
+from chatbot.serve.sessions import SessionStore
+from chatbot.serve.state import (
+    BATCHER, CONFIG, ENGINE, INFLIGHT, LIFECYCLE, LIMITER, METRICS, SOCKETS, STORE, Lifecycle,
+)
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+
+def decoding_config(config: ServeConfig) -> DecodingConfig:
+    """Sample-and-rank with the engine's defaults, except the two knobs that set the CPU cost."""
+    return DecodingConfig(strategy="sample_and_rank", num_candidates=config.num_candidates,
+                          max_new_tokens=config.max_new_tokens)
+
+
+def load_engine(config: ServeConfig) -> Engine:
+    """Load the model directory and warm it up (first-call allocations happen here, not in a reply)."""
+    from chatbot.modeldir import load_model
+
+    loaded = load_model(config.model_dir, config.device)
+    engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device)
+    engine.reply([["hello"]], DecodingConfig(num_candidates=2, max_new_tokens=2))
+    params = sum(p.numel() for p in loaded.model.parameters())
+    log.info("model %s loaded (%.1fM parameters)", loaded.directory, params / 1e6)
+    return engine
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    async with open_redis(cfg.redis_url, cfg.data_path) as client:
+        app[STORE] = SessionStore(client, cfg.session_ttl_s)
+        if not await app[STORE].ping():  # not fatal: clients get store_unavailable until it is back
+            log.warning("Redis at %s is not reachable yet", cfg.redis_url)
+        yield
+
+
+def engine_ctx(engine: Engine | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        # Loading takes seconds of CPU: a thread keeps the loop (and the other contexts) responsive.
+        app[ENGINE] = engine if engine is not None else await asyncio.to_thread(load_engine, app[CONFIG])
+        yield
+    return ctx
+
+
+async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    batcher = Batcher(app[ENGINE], decoding_config(cfg), cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue,
+                      app[METRICS])
+    batcher.start()
+    app[BATCHER] = batcher
+    yield
+    await batcher.close()
+
+
+async def drain_and_close(app: web.Application) -> None:
+    """on_shutdown: finish (or cleanly fail) in-flight replies, then close every socket GOING_AWAY."""
+    app[LIFECYCLE].closing = True
+    inflight = set(app[INFLIGHT])
+    if inflight:
+        log.info("shutdown: waiting up to %.1fs for %d in-flight replies", app[CONFIG].shutdown_grace_s, len(inflight))
+        _, late = await asyncio.wait(inflight, timeout=app[CONFIG].shutdown_grace_s)
+        for task in late:
+            task.cancel()  # the task tells its client "shutting_down" (retryable)
+        await asyncio.gather(*late, return_exceptions=True)
+    sockets = list(app[SOCKETS])
+    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
+                         return_exceptions=True)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    app, cfg = request.app, request.app[CONFIG]
+    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_frame_bytes)
+    await ws.prepare(request)
+    conn = ChatConnection(ws, app)
+    # Refusals are sent as typed frames on an open socket: a browser cannot read an HTTP status.
+    if app[LIFECYCLE].closing:
+        await conn.send_error(ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect"))
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        return ws
+    if len(app[SOCKETS]) >= cfg.max_connections:
+        await conn.send_error(ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
+                                            f"the server holds its limit of {cfg.max_connections} connections; retry later"))
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
+        return ws
+    app[SOCKETS].add(ws)
+    app[METRICS].connections.inc()
+    try:
+        await conn.run()
+    finally:
+        app[SOCKETS].discard(ws)
+        app[METRICS].connections.dec()
+    return ws
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    redis_ok = await app[STORE].ping()
+    closing = app[LIFECYCLE].closing
+    ready = redis_ok and not closing and ENGINE in app
+    return web.json_response({"ready": ready, "model": ENGINE in app, "redis": redis_ok, "shutting_down": closing},
+                             status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def create_app(config: ServeConfig | None = None, *, engine: Engine | None = None) -> web.Application:
+    """Build the service.  ``engine``: an already loaded reply engine (tests share one); None loads
+    ``config.model_dir`` during startup."""
+    config = config or ServeConfig()
+    app = web.Application()
+    app[CONFIG] = config
+    app[METRICS] = ServiceMetrics()
+    app[LIMITER] = RateLimiter(config.rate_per_minute, config.rate_burst)
+    app[LIFECYCLE] = Lifecycle()
+    app[SOCKETS] = weakref.WeakSet()
+    app[INFLIGHT] = set()
+    app.cleanup_ctx.extend([redis_ctx, engine_ctx(engine), batcher_ctx])
+    app.on_shutdown.append(drain_and_close)
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

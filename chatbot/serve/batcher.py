@@ -1,0 +1,175 @@
+"""Cross-session batching: pending replies from every session run as one batched generate call.
+
+A single background task takes the first waiting job, then keeps collecting until the batch is full
+or ``max_wait_ms`` has passed since that first job arrived, and hands the batch to one worker thread
+(the event loop never runs model code).  While a batch decodes, new jobs queue up and form the next
+batch, so under load batches fill without waiting.  The queue is bounded: a job that finds it full
+fails at once with ``Busy`` instead of adding unbounded latency for everyone.
+
+Streaming: the engine reports text pieces from the worker thread; they are marshalled onto the loop
+with ``call_soon_threadsafe``, which keeps them in order and ahead of the job's final result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from chatbot.serve.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Busy(RuntimeError):
+    """The reply queue is full."""
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is shutting down and takes no more work."""
+
+
+class Engine(Protocol):
+    def reply(self, contexts: list[list[str]], config: Any, *, return_candidates: bool = False,
+              on_piece: Callable[[int, str], None] | None = None) -> list[Any]: ...
+
+
+_DONE = object()
+
+
+class ReplyJob:
+    """One conversation's pending reply: a stream of text pieces, then a result (a Reply) or an error."""
+
+    def __init__(self, context: list[str]):
+        self.context = context
+        self.enqueued_at = time.monotonic()
+        self.abandoned = False  # the requester left before the batch formed: skip it
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._drained = False  # the end marker was consumed
+
+    # Called on the loop (via call_soon_threadsafe from the worker thread).
+    def _piece(self, text: str) -> None:
+        self._events.put_nowait(text)
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._events.put_nowait(_DONE)
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Text pieces as they become final; ends when the reply is done."""
+        while not self._drained:
+            event = await self._events.get()
+            if event is _DONE:
+                self._drained = True
+            else:
+                yield event
+
+    async def result(self) -> Any:
+        """The engine's Reply (raises the engine's error); drains any pieces not consumed."""
+        async for _ in self.pieces():
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Batcher:
+    def __init__(self, engine: Engine, decoding: Any, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 metrics: ServiceMetrics):
+        self.engine, self.decoding = engine, decoding
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
+        self.metrics = metrics
+        self._queue: asyncio.Queue[ReplyJob] = asyncio.Queue(maxsize=max_queue)
+        # One thread: batches run one after another, each using all of torch's intra-op threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    def full(self) -> bool:
+        return self._queue.full()
+
+    def submit(self, context: list[str]) -> ReplyJob:
+        if self._closed:
+            raise BatcherClosed("the service is shutting down")
+        job = ReplyJob(context)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise Busy(f"{self._queue.maxsize} replies are already waiting") from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return job
+
+    async def _next_batch(self) -> list[ReplyJob]:
+        batch = [await self._queue.get()]
+        try:
+            await self._fill(batch)
+        except asyncio.CancelledError:  # closing: jobs taken off the queue must not be left hanging
+            for job in batch:
+                job._finish(None, BatcherClosed("the service is shutting down"))
+            raise
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return [job for job in batch if not job.abandoned]
+
+    async def _fill(self, batch: list[ReplyJob]) -> None:
+        # The wait is measured from when the first job arrived: if it already waited behind the
+        # previous batch, whatever is queued now goes without further delay.
+        deadline = batch[0].enqueued_at + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    batch.append(self._queue.get_nowait())
+                else:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            self.metrics.batch_size.observe(len(batch))
+            start = time.perf_counter()
+            # The worker reports results through the jobs itself; awaiting here keeps one batch at a time.
+            await loop.run_in_executor(self._executor, self._generate, loop, batch)
+            self.metrics.batch_seconds.observe(time.perf_counter() - start)
+
+    def _generate(self, loop: asyncio.AbstractEventLoop, batch: list[ReplyJob]) -> None:
+        """Runs in the worker thread."""
+        def on_piece(i: int, text: str) -> None:
+            loop.call_soon_threadsafe(batch[i]._piece, text)
+
+        try:
+            replies = self.engine.reply([job.context for job in batch], self.decoding, on_piece=on_piece)
+        except Exception as e:  # every job of the batch hears about it; the batcher goes on
+            log.exception("batched generate of %d replies failed", len(batch))
+            for job in batch:
+                loop.call_soon_threadsafe(job._finish, None, e)
+            return
+        for job, reply in zip(batch, replies, strict=True):
+            loop.call_soon_threadsafe(job._finish, reply, None)
+
+    async def close(self) -> None:
+        """Stop taking work, let a running batch finish, fail whatever is still queued."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # A batch already in the worker thread completes (its results still reach their jobs).
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        while not self._queue.empty():
+            self._queue.get_nowait()._finish(None, BatcherClosed("the service is shutting down"))
+        self.metrics.queue_depth.set(0)

