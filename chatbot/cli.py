@@ -114,15 +114,42 @@ def run_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="copy a trained model directory for shipping (weights only, optional fp16)",
+                       description="Writes config.json, model.safetensors and tokenizer.json of SRC to DST, "
+                                   "without train_state/ or metrics; --fp16 halves the weights' size (they load as fp32).")
+    p.add_argument("src", help="a model directory, e.g. a `chatbot train --out` directory")
+    p.add_argument("dst", help="where to write the packed model directory")
+    p.add_argument("--fp16", action="store_true", help="store weights as float16")
+    p.set_defaults(func=run_pack)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    import torch
+
+    from chatbot.modeldir import WEIGHTS, load_model, save_model
+
+    loaded = load_model(args.src)
+    out = save_model(loaded.model, loaded.tokenizer, args.dst, dtype=torch.float16 if args.fp16 else None)
+    print(json.dumps({"dst": str(out), "parameters": loaded.model.num_parameters(),
+                      "bytes": (out / WEIGHTS).stat().st_size}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatbot", description="Build, serve and evaluate a Meena-style chatbot.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_eval(sub)
+    add_pack(sub)
     from chatbot.chat import add_chat
+    from chatbot.client import add_client
+    from chatbot.serve.cli import add_serve
 
     add_chat(sub)
+    add_serve(sub)
+    add_client(sub)
     return parser
 
 

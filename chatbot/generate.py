@@ -1,53 +1,184 @@
-"""Reply generation on the incremental decoder.
+"""The reply engine: one API for the terminal chat, the websocket service and the evaluation.
 
-The core loop decodes many candidate rows at once: the encoder runs once per context, its k/v are
-shared by that context's candidates, every row steps together through the caches, and a row that
-emits the end-of-turn token leaves the batch (it costs nothing afterwards).
+``ReplyEngine.reply(contexts, config)`` takes a batch of conversations and returns one ``Reply`` per
+conversation.  Strategies (``DecodingConfig.strategy``):
 
-Randomness is per context: each context draws from its own generator seeded by the call's seed, so a
-context gets the same candidates whether it is decoded alone or in a batch with others.
+- ``sample_and_rank`` (default, Meena): N independent samples at temperature T, optionally top-k /
+  top-p truncated; filters drop bad candidates and the most likely survivor is the reply.
+- ``sample``: one sample per context, streamed token by token as it is produced.
+- ``greedy``: the most likely next token each step, streamed like ``sample``.
+- ``beam``: beam search (``beam_size`` beams); the finished beams are the candidates.
+
+Efficiency.  The encoder runs once per context and its projected k/v are shared by that context's
+candidate rows (``start_decoding(enc, repeats=N)``); every row of every context steps together through
+the incremental caches; a row that ends (end-of-turn, or cut by the safety filter) leaves the batch
+(``DecoderState.select``), and a beam-search context leaves once no live beam can win.  A context is
+filtered, ranked and streamed as soon as its last row ends, while the others keep decoding.
+
+Randomness is per context: each context samples from its own ``torch.Generator`` seeded with the call's
+seed, so a context gets the same candidates alone or in any batch.  Scores are model log-likelihoods at
+temperature 1 (what the model believes, not what the sampler drew from), end-of-turn token included.
+
+Filters and fallback.  Every candidate goes through the safety filter, then the repetition filter
+(``chatbot.filters``); ``ScoredCandidate.dropped_by`` says which dropped it.  If every candidate is
+dropped, ``Reply.all_filtered`` is set and the reply falls back to the best candidate that passed the
+safety filter (repetition is a quality rule, safety a hard one); if none did, to ``fallback_text``, or
+to the empty string if the safety filter rejects that too.  A reply never contains a blocked phrase.
+
+Streaming.  ``on_piece(i, piece)`` receives context i's reply text as it becomes final; the pieces
+concatenate to ``Reply.text``.  Ranked strategies deliver the chosen reply word by word right after
+ranking.  ``sample``/``greedy`` deliver words while decoding, holding back the last words that a blocked
+phrase could still be completing; when a blocked phrase does complete (or the classifier flags the text
+about to be delivered) the reply is cut after the last delivered word, which is then the reply
+(``all_filtered``; ``fallback_text`` if nothing was delivered yet).  The same cut happens without a
+callback, so streaming never changes a reply.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+import secrets
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from chatbot.data import join_context
-from chatbot.model import ChatModel
-from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, ChatTokenizer
+from chatbot.filters import RepetitionFilter, SafetyFilter
+from chatbot.model import ChatModel, EncoderOutput
+from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS, ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("sample_and_rank", "sample", "greedy", "beam")
+# Bounds that keep a bad request from exhausting memory; far above anything useful.
+MAX_CANDIDATES = 256
+MAX_BEAM_SIZE = 64
+# Only the last max_source_len tokens of a context reach the encoder; a turn this long is a mistake.
+MAX_TURN_CHARS = 10_000
+FALLBACK_TEXT = "Let's talk about something else."
+
+PieceCallback = Callable[[int, str], None]
+
+
+class GenerationError(ValueError):
+    """Bad input to the reply engine: the message names the field, the context and turn, and the limit."""
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How to decode.  Temperature, top-k and top-p apply to the sampling strategies only;
+    ``num_candidates`` to sample_and_rank (``sample`` and ``greedy`` make one candidate per context);
+    ``beam_size`` to beam.  ``max_new_tokens`` is capped at the model's target limit minus one."""
+
+    strategy: str = "sample_and_rank"
+    num_candidates: int = 20
+    temperature: float = 0.88
+    top_k: int = 0  # 0: no top-k truncation
+    top_p: float = 1.0  # 1.0: no nucleus truncation
+    beam_size: int = 4
+    max_new_tokens: int = 40
+    min_new_tokens: int = 1  # end-of-turn is impossible before this many tokens
+    length_normalize: bool = False  # rank by mean instead of total token log-likelihood
+    seed: int | None = None  # same seed + same input -> same replies
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise GenerationError(message)
+
+        require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        for name in ("num_candidates", "top_k", "beam_size", "max_new_tokens", "min_new_tokens"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+        require(1 <= self.num_candidates <= MAX_CANDIDATES,
+                f"num_candidates must be in 1..{MAX_CANDIDATES}, got {self.num_candidates}")
+        require(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0,
+                f"temperature must be a finite number > 0, got {self.temperature!r}; "
+                "for deterministic replies use strategy='greedy' (temperature 0 is refused, not guessed)")
+        require(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        require(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+                f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
+        require(1 <= self.beam_size <= MAX_BEAM_SIZE, f"beam_size must be in 1..{MAX_BEAM_SIZE}, got {self.beam_size}")
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
+        require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+                f"seed must be None or an integer in 0..2**63-1, got {self.seed!r}")
+
+    @property
+    def streams_while_decoding(self) -> bool:
+        return self.strategy in ("sample", "greedy")
 
 
 @dataclass
-class Candidate:
+class ScoredCandidate:
+    text: str  # candidates dropped by "safety" keep their text for inspection: never show them to users
     token_ids: list[int]
-    log_likelihood: float  # sum of log p(token) under the model (temperature 1), </t> included
-    finished: bool  # ended with </t> (else it hit max_new_tokens)
+    log_likelihood: float  # sum of log p(token), end-of-turn included when the candidate finished
+    normalized_log_likelihood: float  # log_likelihood / scored tokens
+    dropped_by: str | None  # None: kept; else "safety", "repetition" or "self_repetition"
+
+
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int]
+    log_likelihood: float
+    normalized_log_likelihood: float
+    candidates: list[ScoredCandidate] | None  # best first by the ranking score; only with return_candidates
+    all_filtered: bool  # every candidate was dropped; ``text`` is the fallback (see the module docstring)
+    timings: dict[str, float]  # of the whole call: tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
+
+
+@dataclass
+class Draft:
+    """One decoded candidate before detokenizing and filtering."""
+
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)  # one per scored token, </t> included
+    finished: bool = False  # ended with </t> (else it hit max_new_tokens or was cut)
 
     @property
-    def length(self) -> int:  # scored tokens, </t> included when present
-        return len(self.token_ids) + int(self.finished)
+    def log_likelihood(self) -> float:
+        return float(sum(self.token_logprobs))
 
     @property
     def normalized_log_likelihood(self) -> float:
-        return self.log_likelihood / max(self.length, 1)
+        return self.log_likelihood / max(len(self.token_logprobs), 1)
 
 
-@dataclass
-class SampledBatch:
-    candidates: list[list[Candidate]]  # per context, in sampling order
-    encode_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    steps: int = 0
-    timings: dict = field(default_factory=dict)
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def check_contexts(contexts: object) -> list[list[str]]:
+    """Validate a batch of contexts; returns them with each turn stripped (as training data was)."""
+    if isinstance(contexts, str) or not isinstance(contexts, (list, tuple)):
+        raise GenerationError("contexts must be a list of conversations, each a list of turn strings (oldest first)")
+    checked = []
+    for i, context in enumerate(contexts):
+        if isinstance(context, str) or not isinstance(context, (list, tuple)):
+            raise GenerationError(f"context {i} must be a list of turn strings, got {type(context).__name__}")
+        if not context:
+            raise GenerationError(f"context {i} has no turns; it needs at least the user's message")
+        for j, turn in enumerate(context):
+            if not isinstance(turn, str):
+                raise GenerationError(f"context {i}, turn {j}: expected a string, got {type(turn).__name__}")
+            if not turn.strip():
+                raise GenerationError(f"context {i}, turn {j} is empty or whitespace only; drop the turn or send text")
+            if len(turn) > MAX_TURN_CHARS:
+                raise GenerationError(f"context {i}, turn {j} has {len(turn)} characters; the limit is "
+                                      f"{MAX_TURN_CHARS} (the model reads only a context's last tokens)")
+        checked.append([turn.strip() for turn in context])
+    return checked
 
 
 def contexts_to_tensor(tokenizer: ChatTokenizer, contexts: list[list[str]], max_source_len: int) -> Tensor:
-    """Each context (a list of turn texts, oldest first) -> right-padded ids (C, S)."""
+    """Each context (turn texts, oldest first) -> right-padded ids (C, S): last 7 turns, cut from the left."""
     rows = [join_context(tokenizer.encode_batch(turns), max_source_len) for turns in contexts]
     width = max(len(r) for r in rows)
     src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
@@ -70,56 +201,374 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-@torch.no_grad()
-def sample_candidates(model: ChatModel, src: Tensor, num_candidates: int = 1, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64, min_new_tokens: int = 1,
-                      seed: int | None = None, greedy: bool = False) -> SampledBatch:
-    """Draw ``num_candidates`` replies for every context row of ``src`` (C, S) in one batched decode."""
-    device = src.device
-    C, N = src.shape[0], num_candidates
-    max_new_tokens = min(max_new_tokens, model.config.max_target_len - 1)
-    base_seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    generators = [torch.Generator(device=device).manual_seed(base_seed) for _ in range(C)]
+def word_pieces(text: str) -> list[str]:
+    """"a b  c" -> ["a", " b", "  c"]: whitespace travels with the word after it."""
+    return re.findall(r"\s*\S+", text)
 
-    t0 = time.perf_counter()
-    state = model.start_decoding(model.encode(src), repeats=N)
-    t1 = time.perf_counter()
-    rows = torch.arange(C * N, device=device)  # which candidate each live row is
-    tokens = torch.full((C * N, 1), BOS_ID, dtype=torch.long, device=device)
-    out: list[list[int]] = [[] for _ in range(C * N)]
-    loglik = torch.zeros(C * N, dtype=torch.float64)
-    finished = [False] * (C * N)
-    step = 0
-    for step in range(max_new_tokens):
-        logits = model.decode_step(tokens, state)[:, -1].float()  # (rows, V)
-        logprobs = logits.log_softmax(-1)
-        logits[:, PAD_ID] = logits[:, BOS_ID] = float("-inf")  # never generated
-        if step < min_new_tokens:
+
+def words_before(text: str, end: int) -> str:
+    """The whole words of ``text`` that lie before position ``end`` (a word cut by ``end`` is left out)."""
+    if end >= len(text):
+        return text.rstrip()
+    while end > 0 and not text[end].isspace():
+        end -= 1
+    return text[:end].rstrip()
+
+
+class LiveStream:
+    """Delivers one reply while it is decoded (sample / greedy) without ever delivering a blocked phrase.
+
+    A blocked phrase of k words that is not yet complete must include a word still to come, so it can
+    only start within the last k words of the text so far: those are held back, everything before is
+    final and delivered.  A phrase match counts once the character after it exists (or the reply has
+    ended): "ass" at the end of "you ass" may still become "you assume".  On a match, or when the
+    classifier flags the text about to be delivered, the reply stops at what was already delivered.
+    """
+
+    def __init__(self, index: int, context: Sequence[str], safety: SafetyFilter | None,
+                 tokenizer: ChatTokenizer, on_piece: PieceCallback | None):
+        self.index, self.context, self.safety, self.tokenizer, self.on_piece = index, context, safety, tokenizer, on_piece
+        self.holdback_words = safety.max_phrase_words if safety else 1
+        self.delivered = ""
+        self.cut = False
+
+    def advance(self, token_ids: Sequence[int]) -> bool:
+        """Called after each new token; False when the reply was cut (the row should stop decoding)."""
+        text = self.tokenizer.decode(token_ids).lstrip()
+        starts = [m.start() for m in re.finditer(r"\S+", text)]
+        if not text or text[-1].isspace():
+            starts.append(len(text))  # the next word has not started yet
+        limit = starts[max(len(starts) - self.holdback_words, 0)]
+        match = self.safety.first_blocked(text) if self.safety else None
+        if match is not None:
+            if match.end() < len(text):
+                self.cut = True
+                return False
+            limit = min(limit, match.start())
+        return self._deliver(words_before(text, limit))
+
+    def finish(self, token_ids: Sequence[int]) -> str:
+        """The row ended: deliver the rest if it is safe; returns the delivered text (the reply)."""
+        if not self.cut:
+            text = self.tokenizer.decode(token_ids).strip()
+            match = self.safety.first_blocked(text) if self.safety else None
+            self._deliver(words_before(text, match.start()) if match else text)
+            self.cut = self.cut or match is not None
+        return self.delivered
+
+    def _deliver(self, prefix: str) -> bool:
+        if len(prefix) <= len(self.delivered):
+            return True
+        if not prefix.startswith(self.delivered):  # decoding rewrote delivered text: stop rather than contradict it
+            log.warning("streamed reply %d: decoded text no longer extends what was delivered; cutting it", self.index)
+            self.cut = True
+            return False
+        if self.safety is not None and self.safety.unsafe(self.context, [prefix])[0]:
+            self.cut = True
+            return False
+        if self.on_piece is not None:
+            self.on_piece(self.index, prefix[len(self.delivered):])
+        self.delivered = prefix
+        return True
+
+
+# ----------------------------------------------------------------------------------------- the engine
+
+
+class ReplyEngine:
+    """Batched reply generation with filters; thread-safe for concurrent ``reply`` calls (no call state
+    lives on the engine).  Puts the model in eval mode: dropout would make seeded replies irreproducible."""
+
+    def __init__(self, model: ChatModel, tokenizer: ChatTokenizer, device: str | torch.device = "cpu",
+                 repetition_filter: RepetitionFilter | None = RepetitionFilter(),
+                 safety_filter: SafetyFilter | None = SafetyFilter(), *, fallback_text: str = FALLBACK_TEXT):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.repetition_filter = repetition_filter
+        self.safety_filter = safety_filter
+        self.fallback_text = fallback_text
+        # Never generated: padding, start, separators; end-of-turn is handled by min_new_tokens.
+        self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
+
+    def reply(self, contexts: list[list[str]], config: DecodingConfig = DecodingConfig(), *,
+              return_candidates: bool = False, on_piece: PieceCallback | None = None) -> list[Reply]:
+        """One Reply per context, in order.  ``contexts``: per conversation its turn texts, oldest first,
+        the last being the user's newest message; the model reads the last 7 turns, cut from the left to
+        its source limit.  ``on_piece(i, piece)``: see the module docstring.  Raises GenerationError."""
+        if not isinstance(config, DecodingConfig):
+            raise GenerationError(f"config must be a DecodingConfig, got {type(config).__name__}")
+        t_start = time.perf_counter()
+        contexts = check_contexts(contexts)
+        if not contexts:
+            return []
+        with torch.inference_mode():
+            call = _Call(self, contexts, config, return_candidates, on_piece)
+            call.run()
+        call.timings["total_s"] = time.perf_counter() - t_start
+        for reply in call.replies:
+            reply.timings = dict(call.timings)
+        return call.replies
+
+
+class _Call:
+    """The state of one ``reply`` call: decoding loops, then per-context filtering, ranking and delivery."""
+
+    def __init__(self, engine: ReplyEngine, contexts: list[list[str]], config: DecodingConfig,
+                 return_candidates: bool, on_piece: PieceCallback | None):
+        self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
+        self.contexts, self.config = contexts, config
+        self.return_candidates, self.on_piece = return_candidates, on_piece
+        self.replies: list[Reply | None] = [None] * len(contexts)
+        self.timings = {"tokenize_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "rank_s": 0.0, "decode_steps": 0.0}
+        limit = self.model.config.max_target_len - 1  # training cut responses to this many tokens
+        self.max_new_tokens = min(config.max_new_tokens, limit)
+        self.min_new_tokens = min(config.min_new_tokens, self.max_new_tokens)
+        if config.max_new_tokens > limit:
+            log.debug("max_new_tokens %d capped at the model's limit %d", config.max_new_tokens, limit)
+        self.live: list[LiveStream] = []
+        self.enc: EncoderOutput | None = None
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        src = contexts_to_tensor(self.tokenizer, self.contexts, self.model.config.max_source_len).to(self.engine.device)
+        t1 = time.perf_counter()
+        self.enc = self.model.encode(src)
+        self.timings["tokenize_s"], self.timings["encode_s"] = t1 - t0, time.perf_counter() - t1
+        t2 = time.perf_counter()
+        strategy = self.config.strategy
+        if strategy == "beam":
+            self._beam_search()
+        else:
+            if self.config.streams_while_decoding:
+                self.live = [LiveStream(i, ctx, self.engine.safety_filter, self.tokenizer, self.on_piece)
+                             for i, ctx in enumerate(self.contexts)]
+            n = self.config.num_candidates if strategy == "sample_and_rank" else 1
+            self._sample(n, greedy=strategy == "greedy")
+        self.timings["decode_s"] = time.perf_counter() - t2 - self.timings["rank_s"]
+
+    # -- decoding loops
+
+    def _pick(self, logits: Tensor, step: int, segments: list[tuple[int, int]], generators: list[torch.Generator],
+              greedy: bool) -> Tensor:
+        """Next token per row: logits (R, V) -> (R,).  ``segments``: (context, rows) blocks in row order."""
+        logits[:, self.engine.banned_ids] = float("-inf")
+        if step < self.min_new_tokens:
             logits[:, EOT_ID] = float("-inf")
         if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.empty(len(rows), dtype=torch.long, device=device)
-            context_of = rows // N
-            for c in context_of.unique().tolist():  # per-context generators: batching changes nothing
-                sel = (context_of == c).nonzero().squeeze(1)
-                nxt[sel] = torch.multinomial(probs[sel], 1, generator=generators[c]).squeeze(1)
-        loglik[rows.cpu()] += logprobs.gather(1, nxt[:, None]).squeeze(1).double().cpu()
-        done = nxt.eq(EOT_ID)
-        for r, t, d in zip(rows.tolist(), nxt.tolist(), done.tolist()):
-            if d:
-                finished[r] = True
-            else:
-                out[r].append(t)
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            return logits.argmax(-1)
+        cfg = self.config
+        probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        start = 0
+        for context, count in segments:  # each context draws from its own generator: batching changes nothing
+            block = slice(start, start + count)
+            out[block] = torch.multinomial(probs[block], 1, generator=generators[context]).squeeze(1)
+            start += count
+        return out
+
+    def _sample(self, n: int, greedy: bool) -> None:
+        """sample_and_rank (n candidates per context), sample and greedy (n = 1)."""
+        C, device = len(self.contexts), self.engine.device
+        seed = self.config.seed
+        generators = [torch.Generator(device=device).manual_seed(seed if seed is not None else secrets.randbits(63))
+                      for _ in range(C)]
+        state = self.model.start_decoding(self.enc, repeats=n)
+        drafts = [Draft() for _ in range(C * n)]
+        rows = torch.arange(C * n, device=device)  # which draft each live row is; stays context-major
+        remaining = [n] * C
+        tokens = torch.full((C * n, 1), BOS_ID, dtype=torch.long, device=device)
+        for step in range(self.max_new_tokens):
+            logits = self.model.decode_step(tokens, state)[:, -1].float()  # (R, V)
+            logprobs = logits.log_softmax(-1)  # the model's own distribution: what ranking scores
+            contexts_of, counts = torch.unique_consecutive(rows // n, return_counts=True)
+            nxt = self._pick(logits, step, list(zip(contexts_of.tolist(), counts.tolist())), generators, greedy)
+            picked = logprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
+            last_step = step == self.max_new_tokens - 1
+            keep, done_contexts = [], []
+            for i, (r, t, lp) in enumerate(zip(rows.tolist(), nxt.tolist(), picked)):
+                draft, c = drafts[r], r // n
+                draft.token_logprobs.append(lp)
+                if t == EOT_ID:
+                    draft.finished = True
+                    ends = True
+                else:
+                    draft.token_ids.append(t)
+                    ends = last_step or (bool(self.live) and not self.live[c].advance(draft.token_ids))
+                if not ends:
+                    keep.append(i)
+                    continue
+                remaining[c] -= 1
+                if remaining[c] == 0:
+                    done_contexts.append(c)
+            self.timings["decode_steps"] = float(step + 1)
+            for c in done_contexts:
+                self._finish_context(c, drafts[c * n:(c + 1) * n])
+            if not keep:
                 break
-            state.select(keep)
-            rows, nxt = rows[keep], nxt[keep]
-        tokens = nxt[:, None]
-    t2 = time.perf_counter()
-    candidates = [[Candidate(out[c * N + j], float(loglik[c * N + j]), finished[c * N + j]) for j in range(N)]
-                  for c in range(C)]
-    return SampledBatch(candidates, encode_seconds=t1 - t0, decode_seconds=t2 - t1, steps=step + 1)
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                state.select(index)  # finished rows leave the batch: no more work for them
+                rows, nxt = rows[index], nxt[index]
+            tokens = nxt[:, None]
+
+    def _beam_search(self) -> None:
+        """Beam search with ``beam_size`` beams per context, reordered through ``DecoderState.select``.
+
+        Each step extends every beam by every token and keeps the top 2B (so B survive even if B of
+        them end); an end-of-turn among the top B becomes a finished hypothesis.  A context stops when
+        it has B finished hypotheses and its best live beam cannot beat the worst of them: exact for
+        total log-likelihood (scores only fall), the usual heuristic under length normalization.
+        """
+        C, B, device = len(self.contexts), self.config.beam_size, self.engine.device
+        V = self.model.config.vocab_size
+        state = self.model.start_decoding(self.enc, repeats=B)
+        live = list(range(C))  # the context of each block of B rows
+        beams = [[Draft() for _ in range(B)] for _ in range(C)]
+        finished: list[list[Draft]] = [[] for _ in range(C)]
+        # All beams start identical; only the first may expand at step 0, or the top-B would be B copies.
+        scores = torch.full((C, B), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        tokens = torch.full((C * B, 1), BOS_ID, dtype=torch.long, device=device)
+        for step in range(self.max_new_tokens):
+            logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (L*B, V)
+            allowed = logprobs.clone()
+            allowed[:, self.engine.banned_ids] = float("-inf")
+            if step < self.min_new_tokens:
+                allowed[:, EOT_ID] = float("-inf")
+            total = (scores.reshape(-1, 1) + allowed).view(len(live), B * V)
+            top_scores, top_index = total.topk(min(2 * B, B * V), dim=1)  # (L, 2B)
+            top_beam, top_token = top_index // V, top_index % V
+            top_logprob = logprobs.view(len(live), B, V)[
+                torch.arange(len(live), device=device)[:, None], top_beam, top_token]
+            rows, next_tokens, next_scores, next_live, next_beams = [], [], [], [], []
+            for i, c in enumerate(live):
+                extended: list[tuple[int, int, float, float]] = []
+                for rank, (s, b, t, lp) in enumerate(zip(top_scores[i].tolist(), top_beam[i].tolist(),
+                                                         top_token[i].tolist(), top_logprob[i].tolist())):
+                    if s == float("-inf") or len(extended) == B:
+                        break
+                    parent = beams[i][b]
+                    if t == EOT_ID:
+                        if rank < B:
+                            finished[c].append(Draft(list(parent.token_ids), parent.token_logprobs + [lp], True))
+                        continue
+                    extended.append((b, t, s, lp))
+                children = [Draft(beams[i][b].token_ids + [t], beams[i][b].token_logprobs + [lp]) for b, t, _, _ in extended]
+                if step == self.max_new_tokens - 1 or not children or self._beam_done(finished[c], children[0]):
+                    self._finish_context(c, self._best_hypotheses(finished[c] + children, B))
+                    continue
+                while len(children) < B:  # only with a vocabulary smaller than 2B: pad with dead beams
+                    extended.append(extended[-1][:2] + (float("-inf"), 0.0))
+                    children.append(children[-1])
+                next_live.append(c)
+                next_beams.append(children)
+                for b, t, s, _ in extended:
+                    rows.append(i * B + b)
+                    next_tokens.append(t)
+                    next_scores.append(s)
+            self.timings["decode_steps"] = float(step + 1)
+            if not next_live:
+                break
+            state.select(torch.tensor(rows, device=device))  # follow the beams; finished contexts leave
+            live, beams = next_live, next_beams
+            scores = torch.tensor(next_scores, device=device).view(len(live), B)
+            tokens = torch.tensor(next_tokens, device=device)[:, None]
+
+    def _rank_key(self, draft: Draft | ScoredCandidate) -> float:
+        return draft.normalized_log_likelihood if self.config.length_normalize else draft.log_likelihood
+
+    def _beam_done(self, finished: list[Draft], best_live: Draft) -> bool:
+        B = self.config.beam_size
+        if len(finished) < B:
+            return False
+        worst_kept = sorted((self._rank_key(d) for d in finished), reverse=True)[B - 1]
+        return self._rank_key(best_live) <= worst_kept
+
+    def _best_hypotheses(self, drafts: list[Draft], k: int) -> list[Draft]:
+        return sorted(drafts, key=self._rank_key, reverse=True)[:k]
+
+    # -- per context: filter, rank, fall back, deliver
+
+    def _finish_context(self, c: int, drafts: list[Draft]) -> None:
+        t0 = time.perf_counter()
+        if self.live:
+            self.replies[c] = self._finish_streamed(c, drafts[0])
+        else:
+            self.replies[c] = self._finish_ranked(c, drafts)
+        self.timings["rank_s"] += time.perf_counter() - t0
+
+    def _verdicts(self, context: list[str], texts: list[str]) -> list[str | None]:
+        safety, repetition = self.engine.safety_filter, self.engine.repetition_filter
+        unsafe = safety.unsafe(context, texts) if safety else [False] * len(texts)
+        repeats = repetition.check(context, texts) if repetition else [None] * len(texts)
+        return ["safety" if u else r for u, r in zip(unsafe, repeats)]
+
+    def _scored(self, drafts: list[Draft]) -> list[ScoredCandidate]:
+        texts = [self.tokenizer.decode(d.token_ids).strip() for d in drafts]
+        return [ScoredCandidate(text, d.token_ids, d.log_likelihood, d.normalized_log_likelihood, None)
+                for text, d in zip(texts, drafts)]
+
+    def _finish_ranked(self, c: int, drafts: list[Draft]) -> Reply:
+        context = self.contexts[c]
+        candidates = self._scored(drafts)
+        for cand, verdict in zip(candidates, self._verdicts(context, [cand.text for cand in candidates])):
+            cand.dropped_by = verdict
+        ranked = sorted(candidates, key=self._rank_key, reverse=True)  # stable: ties keep sampling order
+        chosen = next((cand for cand in ranked if cand.dropped_by is None), None)
+        all_filtered = chosen is None
+        if chosen is None:
+            chosen = next((cand for cand in ranked if cand.dropped_by != "safety"), None)
+        if chosen is None:
+            reply = self._fallback_reply(c, "")
+        else:
+            reply = Reply(chosen.text, chosen.token_ids, chosen.log_likelihood, chosen.normalized_log_likelihood,
+                          None, all_filtered, {})
+        if self.on_piece is not None:
+            for piece in word_pieces(reply.text):
+                self.on_piece(c, piece)
+        reply.candidates = ranked if self.return_candidates else None
+        return reply
+
+    def _finish_streamed(self, c: int, draft: Draft) -> Reply:
+        stream = self.live[c]
+        delivered = stream.finish(draft.token_ids)
+        (candidate,) = self._scored([draft])
+        if stream.cut:
+            candidate.dropped_by = "safety"
+            reply = self._fallback_reply(c, delivered)
+        else:
+            repetition = self.engine.repetition_filter
+            candidate.dropped_by = repetition.check(self.contexts[c], [candidate.text])[0] if repetition else None
+            # Already delivered: a repetitive streamed reply stays (it is the best safe candidate there is).
+            reply = Reply(candidate.text, candidate.token_ids, candidate.log_likelihood,
+                          candidate.normalized_log_likelihood, None, candidate.dropped_by is not None, {})
+        reply.candidates = [candidate] if self.return_candidates else None
+        return reply
+
+    def _fallback_reply(self, c: int, delivered: str) -> Reply:
+        """A reply that is not a whole candidate: a cut streamed reply, else the fallback text.
+
+        Its tokens are the text's own tokenization, scored by a teacher-forced pass, so the reported
+        likelihood is the model's for exactly the text returned.
+        """
+        text = delivered
+        if not text:
+            safety = self.engine.safety_filter
+            text = self.engine.fallback_text
+            if safety is not None and safety.unsafe(self.contexts[c], [text])[0]:
+                text = ""
+            if self.on_piece is not None:
+                for piece in word_pieces(text):
+                    self.on_piece(c, piece)
+        ids = self.tokenizer.encode(text)
+        draft = Draft(ids, self._teacher_forced_logprobs(c, ids), True)
+        return Reply(text, ids, draft.log_likelihood, draft.normalized_log_likelihood, None, True, {})
+
+    def _teacher_forced_logprobs(self, c: int, ids: list[int]) -> list[float]:
+        device = self.engine.device
+        enc = EncoderOutput(self.enc.states[c:c + 1], self.enc.padding[c:c + 1])
+        tgt_in = torch.tensor([[BOS_ID] + ids], device=device)
+        targets = torch.tensor([ids + [EOT_ID]], device=device)
+        logprobs = self.model.decode(tgt_in, enc).float().log_softmax(-1)
+        return logprobs.gather(2, targets[..., None])[0, :, 0].tolist()

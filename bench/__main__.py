@@ -1,0 +1,33 @@
+"""`make bench`: every benchmark in turn, JSON results under bench/results/, tables on stdout.
+
+Record what it prints in docs/benchmarks.md with the date and machine it prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+BENCHMARKS = [
+    "bench.bench_training",
+    "bench.bench_decoding",
+    "bench.bench_decoding_quality",
+    "bench.bench_service",
+]
+
+
+def main() -> int:
+    results = Path(__file__).parent / "results"
+    only = set(sys.argv[1:])
+    for name in BENCHMARKS:
+        short = name.rsplit(".", 1)[1]
+        if only and short not in only:
+            continue
+        print(f"\n## {short}\n", flush=True)
+        importlib.import_module(name).main(["--out", str(results / f"{short}.json")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
