@@ -1,9 +1,7 @@
 """The chat service: websocket protocol v1, Redis sessions, cross-session batching, a web page.
 
-``create_app`` builds the aiohttp application; ``chatbot serve`` runs it.  See docs/protocol.md.
+``chatbot.serve.app.create_app`` builds the aiohttp application; ``chatbot serve`` runs it.  Modules:
+``protocol`` (frames, validation, error codes), ``sessions`` (Redis store), ``redis_backend`` (embedded or
+external Redis), ``batcher`` (cross-session batching off the event loop), ``connection`` (one websocket),
+``metrics``, ``ratelimit``, ``state`` (typed app keys), ``static/`` (the page).  See docs/protocol.md.
 """
-
-from chatbot.serve.app import create_app
-from chatbot.serve.config import ServeConfig
-
-__all__ = ["ServeConfig", "create_app"]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
+from chatbot.generate import DecodingConfig, ReplyEngine
 from chatbot.serve.batcher import Batcher, Engine
 from chatbot.serve.config import ServeConfig
 from chatbot.serve.connection import ChatConnection
-from chatbot.serve.engine import DecodingConfig, ReplyEngine
 from chatbot.serve.metrics import ServiceMetrics
 from chatbot.serve.protocol import ErrorCode, ProtocolError
 from chatbot.serve.ratelimit import RateLimiter

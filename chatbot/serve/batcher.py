@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from chatbot.generate import DecodingConfig, Reply, check_contexts
 from chatbot.serve.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ class BatcherClosed(RuntimeError):
 
 
 class Engine(Protocol):
-    def reply(self, contexts: list[list[str]], config: Any, *, return_candidates: bool = False,
-              on_piece: Callable[[int, str], None] | None = None) -> list[Any]: ...
+    """What the batcher needs of ``chatbot.generate.ReplyEngine`` (tests may pass a stand-in)."""
+
+    def reply(self, contexts: list[list[str]], config: DecodingConfig, *, return_candidates: bool = False,
+              on_piece: Callable[[int, str], None] | None = None) -> list[Reply]: ...
 
 
 _DONE = object()
@@ -48,7 +51,7 @@ class ReplyJob:
         self.enqueued_at = time.monotonic()
         self.abandoned = False  # the requester left before the batch formed: skip it
         self._events: asyncio.Queue[Any] = asyncio.Queue()
-        self._result: Any = None
+        self._result: Reply | None = None
         self._error: BaseException | None = None
         self._drained = False  # the end marker was consumed
 
@@ -56,7 +59,7 @@ class ReplyJob:
     def _piece(self, text: str) -> None:
         self._events.put_nowait(text)
 
-    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+    def _finish(self, result: Reply | None = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self._events.put_nowait(_DONE)
 
@@ -69,7 +72,7 @@ class ReplyJob:
             else:
                 yield event
 
-    async def result(self) -> Any:
+    async def result(self) -> Reply:
         """The engine's Reply (raises the engine's error); drains any pieces not consumed."""
         async for _ in self.pieces():
             pass
@@ -79,7 +82,7 @@ class ReplyJob:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, decoding: Any, max_batch_size: int, max_wait_ms: float, max_queue: int,
+    def __init__(self, engine: Engine, decoding: DecodingConfig, max_batch_size: int, max_wait_ms: float, max_queue: int,
                  metrics: ServiceMetrics):
         self.engine, self.decoding = engine, decoding
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
@@ -97,9 +100,11 @@ class Batcher:
         return self._queue.full()
 
     def submit(self, context: list[str]) -> ReplyJob:
+        """Queue one reply; raises Busy, BatcherClosed, or GenerationError for a context the engine
+        would refuse (checked here so that one bad context cannot fail a whole batch)."""
         if self._closed:
             raise BatcherClosed("the service is shutting down")
-        job = ReplyJob(context)
+        job = ReplyJob(check_contexts([context])[0])
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:

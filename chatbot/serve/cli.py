@@ -55,6 +55,9 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("serving: open %s/ in a browser, or run `chatbot client %s` (Ctrl-C stops)", url, url)
 
     # aiohttp waits shutdown_timeout for handlers after on_shutdown; our grace is spent inside on_shutdown.
-    web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
-                shutdown_timeout=config.shutdown_grace_s + 5.0, access_log=None)
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
+                    shutdown_timeout=config.shutdown_grace_s + 5.0, access_log=None)
+    except OSError as e:  # typically the port is taken
+        raise RuntimeError(f"cannot listen on {config.host}:{config.port}: {e.strerror}; pick another --port") from e
     return 0

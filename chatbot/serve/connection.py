@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from chatbot.generate import GenerationError
 from chatbot.serve.batcher import BatcherClosed, Busy
 from chatbot.serve.protocol import (
     PROTOCOL_VERSION, ErrorCode, Hello, Message, Ping, ProtocolError, parse_client_frame,
@@ -202,8 +203,13 @@ class ChatConnection:
             metrics.replies.labels("replayed").inc()
             await self.send(reply_frame(appended.reply, replayed=True))
             return
+        # A reply can be empty (the engine's safety fallback); the engine takes only non-empty turns.
+        context = [turn for turn in appended.context if turn.strip()]
         try:
-            job = self.app[BATCHER].submit(appended.context)
+            job = self.app[BATCHER].submit(context)
+        except GenerationError as e:
+            raise ProtocolError(ErrorCode.GENERATION_FAILED, f"the model refused this context: {e}",
+                                message_id=mid) from None
         except Busy:
             raise ProtocolError(ErrorCode.BUSY, "the server is at capacity; retry with the same message_id",
                                 message_id=mid, retry_after_ms=1000) from None
