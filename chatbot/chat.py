@@ -1,43 +1,76 @@
 """``chatbot chat``: a terminal chat with a model directory (the shipped model by default).
 
-Interactive: a prompt per message.  Piped stdin: one message per line in, one reply per line out, so
-it can be scripted.  The model sees the last 7 turns; longer context is cut from the left.
+Interactive: a prompt per message, the reply printed as it streams.  Piped stdin: one message per line
+in, one reply per line out (newlines inside a reply become spaces), so it can be scripted.  Replies
+come from the reply engine (sample-and-rank with N = 20, T = 0.88 unless flags say otherwise); the
+model sees the last 7 turns, and the repetition filter checks the whole conversation.
+
+With --seed N the same input gives the same replies: turn t of the session uses seed N + t.
+--show-candidates prints every ranked candidate with its scores to stderr, so stdout stays one reply a line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from chatbot.data import MAX_CONTEXT_TURNS
+# Decoding flags, named as DecodingConfig's fields.  Flags left out keep DecodingConfig's defaults (the
+# engine is the one place they are defined).
+DECODING_FIELDS = ("strategy", "num_candidates", "temperature", "top_k", "top_p", "beam_size", "max_new_tokens",
+                   "min_new_tokens", "length_normalize", "seed")
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat in the terminal", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (default: the shipped model)")
-    p.add_argument("--temperature", type=float, default=0.88, help="sampling temperature (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="reply length limit in tokens")
-    p.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
+    g = p.add_argument_group("decoding (defaults: the engine's, Meena's sample-and-rank)")
+    g.add_argument("--strategy", help="sample_and_rank (default), sample, greedy or beam")
+    g.add_argument("--num-candidates", type=int, help="samples ranked per reply, sample_and_rank (default 20)")
+    g.add_argument("--temperature", type=float, help="sampling temperature, > 0 (default 0.88)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default 0: all)")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set with this much probability (default 1.0: all)")
+    g.add_argument("--beam-size", type=int, help="beams, for --strategy beam (default 4)")
+    g.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens (default 40)")
+    g.add_argument("--min-new-tokens", type=int, help="no end of reply before this many tokens (default 1)")
+    g.add_argument("--length-normalize", action="store_true", default=None,
+                   help="rank candidates by mean instead of total token log-likelihood")
+    g.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
+    p.add_argument("--show-candidates", action="store_true", help="print the ranked candidates and their scores to stderr")
+    p.add_argument("--blocklist", metavar="FILE", help="blocked words or phrases, one a line; replies never contain them")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_chat)
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    import torch
+def print_candidates(reply, out) -> None:
+    chosen = None if reply.all_filtered else next(c for c in reply.candidates if c.dropped_by is None)
+    note = " (every candidate was dropped: fallback reply)" if reply.all_filtered else ""
+    print(f"  candidates, best first; * = the reply{note}:", file=out)
+    for cand in reply.candidates:
+        mark = "*" if cand is chosen else " "
+        dropped = f" [dropped: {cand.dropped_by}]" if cand.dropped_by else ""
+        print(f"  {mark} {cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token){dropped} {cand.text!r}",
+              file=out)
 
-    from chatbot.generate import contexts_to_tensor, sample_candidates
+
+def run_chat(args: argparse.Namespace) -> int:
+    from chatbot.filters import SafetyFilter
+    from chatbot.generate import DecodingConfig, ReplyEngine
     from chatbot.modeldir import load_model
 
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    overrides = {name: getattr(args, name) for name in DECODING_FIELDS if getattr(args, name) is not None}
+    config = DecodingConfig(**overrides)  # bad flags fail here, before the model loads
+    safety = SafetyFilter.from_file(args.blocklist) if args.blocklist else SafetyFilter()
     loaded = load_model(args.model, args.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    engine = ReplyEngine(loaded.model, loaded.tokenizer, args.device, safety_filter=safety)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {loaded.directory} (Ctrl-D to quit)", file=sys.stderr)
+
+    def show(_: int, piece: str) -> None:
+        print(piece.replace("\r", " ").replace("\n", " "), end="", flush=True)
+
     history: list[str] = []
     turn = 0
     while True:
@@ -49,12 +82,14 @@ def run_chat(args: argparse.Namespace) -> int:
         if not message:
             continue
         history.append(message)
-        src = contexts_to_tensor(tokenizer, [history[-MAX_CONTEXT_TURNS:]], model.config.max_source_len).to(args.device)
-        seed = None if args.seed is None else args.seed + turn
-        batch = sample_candidates(model, src, 1, args.temperature, top_k=args.top_k,
-                                  max_new_tokens=args.max_new_tokens, seed=seed)
-        reply = tokenizer.decode(batch.candidates[0][0].token_ids).strip()
-        history.append(reply)
+        turn_config = config if config.seed is None else dataclasses.replace(config, seed=(config.seed + turn) % 2**63)
+        if interactive:
+            print("bot> ", end="", flush=True)
+        reply = engine.reply([history], turn_config, return_candidates=args.show_candidates, on_piece=show)[0]
+        print(flush=True)
+        if args.show_candidates:
+            print_candidates(reply, sys.stderr)
+        if reply.text:  # an empty fallback reply is not a turn: the next context must not hold an empty turn
+            history.append(reply.text)
         turn += 1
-        print(f"bot> {reply}" if interactive else reply, flush=True)
     return 0

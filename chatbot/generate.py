@@ -454,7 +454,7 @@ class _Call:
                             finished[c].append(Draft(list(parent.token_ids), parent.token_logprobs + [lp], True))
                         continue
                     extended.append((b, t, s, lp))
-                children = [Draft(beams[i][b].token_ids + [t], beams[i][b].token_logprobs + [lp]) for b, t, _, _ in extended]
+                children = [Draft(beams[i][b].token_ids + [t], beams[i][b].token_logprobs + [lp]) for b, t, _, lp in extended]
                 if step == self.max_new_tokens - 1 or not children or self._beam_done(finished[c], children[0]):
                     self._finish_context(c, self._best_hypotheses(finished[c] + children, B))
                     continue

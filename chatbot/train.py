@@ -262,6 +262,8 @@ def train(cfg: TrainConfig) -> dict:
         per_rank = len(batches) // ddp.world
         return batches[ddp.rank * per_rank:(ddp.rank + 1) * per_rank]  # every rank gets as many
 
+    if ddp.is_main and saved:
+        drop_events_after(out / "metrics.jsonl", step)  # work after the last checkpoint is being redone
     metrics_file = open(out / "metrics.jsonl", "a") if ddp.is_main else None
 
     def record(event: dict) -> None:
@@ -348,6 +350,17 @@ def train(cfg: TrainConfig) -> dict:
     if metrics_file:
         metrics_file.close()
     return last_valid
+
+
+def drop_events_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def gather_full_state(model, raw_model, optimizer, cfg: TrainConfig):

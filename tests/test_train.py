@@ -82,3 +82,19 @@ def test_torchrun_two_cpu_processes(tmp_path, small_corpus, extra):
     from chatbot.modeldir import load_model
 
     assert load_model(out).model.num_parameters() > 0
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, small_corpus):
+    out = tmp_path / "run"
+    train(tiny_config(out, small_corpus, max_steps=4, log_every=1, save_every=2))
+    # pretend the process died after logging step 4 but the checkpoint on disk is step 2's
+    state = out / "train_state" / "trainer.json"
+    saved = json.loads(state.read_text())
+    train(tiny_config(tmp_path / "two", small_corpus, max_steps=2, log_every=1, save_every=2))
+    for name in ("model.safetensors", "train_state/optimizer.pt", "train_state/trainer.json"):
+        (out / name).write_bytes((tmp_path / "two" / name).read_bytes())
+    assert saved["step"] == 4
+    train(tiny_config(out, small_corpus, max_steps=4, log_every=1, save_every=2))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == [1, 2, 3, 4]

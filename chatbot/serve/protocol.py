@@ -15,8 +15,9 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 
-# 128+ random bits, URL-safe base64 (secrets.token_urlsafe(24) gives exactly 32 such characters).
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{32}$")
+# 160 random bits as 40 lowercase hex digits (hex, not base64: an id never starts with "-", which
+# command lines would read as an option).
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{40}$")
 MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
@@ -104,7 +105,7 @@ def _field(obj: dict[str, Any], name: str, kind: type, *, required: bool = True,
 def validate_session_id(session_id: str) -> str:
     if not SESSION_ID_RE.fullmatch(session_id):
         raise ProtocolError(ErrorCode.INVALID_SESSION_ID,
-                            "session_id must be the 32-character id the server issued")
+                            "session_id must be the 40-hex-digit id the server issued")
     return session_id
 
 

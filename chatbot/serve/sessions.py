@@ -110,8 +110,8 @@ return 1
 
 
 def new_session_id() -> str:
-    """192 random bits, URL-safe: 32 characters."""
-    return secrets.token_urlsafe(24)
+    """160 random bits from the OS CSPRNG, as 40 hex digits (the format protocol.SESSION_ID_RE checks)."""
+    return secrets.token_hex(20)
 
 
 class SessionStore:
@@ -141,7 +141,7 @@ class SessionStore:
     async def create(self) -> str:
         meta = self._keys(session_id := new_session_id())[0]
         created = await self._call(self.redis.set(meta, "1", nx=True, ex=self.ttl_s))
-        if not created:  # 2**-192 odds; refuse rather than hand out someone else's session
+        if not created:  # 2**-160 odds; refuse rather than hand out someone else's session
             raise RuntimeError("session id collision")
         return session_id
 
