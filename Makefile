@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the test suite needs (a real browser for the page tests).
-TEST_DEBS :=
+TEST_DEBS := chromium chromium-driver
 
 .PHONY: install serve test bench system-deps clean default-model vanilla-baseline
 
@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The service with the shipped model and an embedded Redis (data in $$CHATBOT_DATA or ~/.local/share/chatbot).
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8080
 serve: $(STAMP)
-	$(BIN)/chatbot chat
+	@echo "chat service: open http://$(SERVE_HOST):$(SERVE_PORT)/ or run: $(BIN)/chatbot client http://$(SERVE_HOST):$(SERVE_PORT)"
+	$(BIN)/chatbot serve --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 system-deps:
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

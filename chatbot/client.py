@@ -164,7 +164,7 @@ async def _chat(args: argparse.Namespace) -> int:
                 continue
             streamed: list[str] = []
 
-            def show(piece: str) -> None:
+            def show(piece: str, streamed: list[str] = streamed) -> None:
                 if interactive:
                     print(("bot> " if not streamed else "") + piece, end="", flush=True)
                 streamed.append(piece)

