@@ -30,15 +30,18 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-candidates", type=int, help="samples ranked per reply, sample_and_rank (default 20)")
     g.add_argument("--temperature", type=float, help="sampling temperature, > 0 (default 0.88)")
     g.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default 0: all)")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set with this much probability (default 1.0: all)")
+    g.add_argument("--top-p", type=float,
+                   help="sample from the smallest set with this much probability (default 1.0: all)")
     g.add_argument("--beam-size", type=int, help="beams, for --strategy beam (default 4)")
     g.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens (default 40)")
     g.add_argument("--min-new-tokens", type=int, help="no end of reply before this many tokens (default 1)")
     g.add_argument("--length-normalize", action="store_true", default=None,
                    help="rank candidates by mean instead of total token log-likelihood")
     g.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
-    p.add_argument("--show-candidates", action="store_true", help="print the ranked candidates and their scores to stderr")
-    p.add_argument("--blocklist", metavar="FILE", help="blocked words or phrases, one a line; replies never contain them")
+    p.add_argument("--show-candidates", action="store_true",
+                   help="print the ranked candidates and their scores to stderr")
+    p.add_argument("--blocklist", metavar="FILE",
+                   help="blocked words or phrases, one a line; replies never contain them")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_chat)
 
@@ -50,8 +53,8 @@ def print_candidates(reply, out) -> None:
     for cand in reply.candidates:
         mark = "*" if cand is chosen else " "
         dropped = f" [dropped: {cand.dropped_by}]" if cand.dropped_by else ""
-        print(f"  {mark} {cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token){dropped} {cand.text!r}",
-              file=out)
+        scores = f"{cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token)"
+        print(f"  {mark} {scores}{dropped} {cand.text!r}", file=out)
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -4,9 +4,9 @@ Meena's full system removed sampled candidates that repeat earlier turns (a long
 rule; SSA 74% -> 79%) and candidates a safety classifier flagged.  Both are here as small objects the
 reply engine applies to every candidate:
 
-- ``RepetitionFilter``: a candidate is dropped when it shares a long contiguous run of words with an
-  earlier turn (relative to the shorter of the two, so copying a whole short turn counts and a long
-  reply quoting three words of a long turn does not), or when it repeats a word n-gram of its own.
+- ``RepetitionFilter``: a candidate is dropped when most of it is one contiguous run of words copied
+  from an earlier turn ("how are you" to "how are you?"; but "I'm good, how are you?" stays), or
+  when it repeats a word n-gram of its own.
 - ``SafetyFilter``: a list of blocked words or phrases, matched case-insensitively on word boundaries
   ("ass" blocks "ass" and "Ass!", not "class"), plus an optional ``SafetyClassifier`` hook.
 
@@ -62,8 +62,8 @@ def repeats_itself(tokens: Sequence[str], n: int) -> bool:
 class RepetitionFilter:
     """Drop candidates that repeat an earlier turn or themselves.
 
-    turn_overlap: drop when (longest shared word run with some earlier turn) / (words in the shorter of
-        candidate and turn) >= this; 1.0 drops only full copies of a turn or of the candidate.
+    turn_overlap: drop when (longest word run shared with some earlier turn) / (the candidate's words)
+        >= this; 1.0 drops only candidates that are wholly a copied stretch of a turn.
     min_overlap_words: ...and the shared run is at least this many words, so echoing "hi" to "hi" or
         "lol" to "lol" is allowed (a greeting is not a repetition problem).
     self_ngram: drop a candidate in which a word n-gram of this size occurs twice; 0 turns this off.
@@ -83,7 +83,7 @@ class RepetitionFilter:
 
     def repeats_turn(self, candidate: Sequence[str], turn: Sequence[str]) -> bool:
         run = longest_common_run(candidate, turn)
-        return run >= self.min_overlap_words and run / min(len(candidate), len(turn)) >= self.turn_overlap
+        return run >= self.min_overlap_words and run / len(candidate) >= self.turn_overlap
 
     def check(self, context: Sequence[str], texts: Sequence[str]) -> list[str | None]:
         """Per candidate text: "repetition" (repeats a context turn), "self_repetition", or None."""

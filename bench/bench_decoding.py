@@ -1,0 +1,223 @@
+"""Decoding speed on CPU.
+
+P1  Incremental decoding (k/v caches and conv windows, ``decode_step``) against recomputing the whole
+    decoder over the prefix every step (``decode``), greedy, 64 new tokens forced (end-of-turn masked),
+    one context.  Both must pick the same tokens; the largest logit difference is reported.
+P2  One sample-and-rank reply (N = 20, T = 0.88, up to 32 new tokens) from the reply engine against
+    Hugging Face ``T5ForConditionalGeneration`` with a config of about the same parameter count (random
+    weights): ``generate(do_sample=True, num_return_sequences=20)`` plus ranking the 20 by model
+    log-likelihood, on the same context's token ids, in the same process.  Two rows: replies of natural
+    length (ours end at end-of-turn; a random-weight T5 rarely emits its end token, so it runs all 32
+    steps) and all 32 tokens forced on both sides (the like-for-like row).  Goal: ours <= 0.7x.
+    Then the time per reply when 1, 8 and 32 held-out contexts are decoded in one engine call.
+
+Each timing is the median of --repeats runs after one warm-up run; the two sides of a comparison
+alternate run by run and their ratio is the median of the per-pair ratios.
+
+Usage:  python -m bench.bench_decoding [--model DIR] [--out FILE.json] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from bench.bench_decoding_quality import held_out_contexts
+from bench.common import header, write_json
+from chatbot.generate import DecodingConfig, ReplyEngine, contexts_to_tensor
+from chatbot.model import ChatModel
+from chatbot.modeldir import load_model
+from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID
+
+P1_NEW_TOKENS = 64
+P2_CANDIDATES, P2_TEMPERATURE, P2_NEW_TOKENS = 20, 0.88, 32
+BATCH_SIZES = (1, 8, 32)
+
+
+def seconds(fn: Callable[..., object], *args: object) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def median_seconds(repeats: int, fn: Callable[..., object], *args: object) -> float:
+    fn(*args)  # warm-up: first-call allocations and kernel selection are not what we measure
+    return statistics.median(seconds(fn, *args) for _ in range(repeats))
+
+
+def paired_seconds(repeats: int, a: tuple, b: tuple) -> tuple[float, float, float]:
+    """Median times of ``a`` and ``b`` (each a (fn, *args) tuple) and the median of their per-pair ratio.
+
+    The two alternate, so a change in load on a shared machine hits both alike; the ratio within a
+    pair is the steadier comparison.
+    """
+    for fn, *args in (a, b):
+        fn(*args)  # warm-up
+    pairs = [(seconds(*a), seconds(*b)) for _ in range(repeats)]
+    return (statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs),
+            statistics.median(x / y for x, y in pairs))
+
+
+# ----------------------------------------------------------------------------------------- P1
+
+
+def greedy_tokens(model: ChatModel, src: torch.Tensor, steps: int, incremental: bool) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode of ``steps`` tokens with end-of-turn masked; returns the tokens and all step logits."""
+    enc = model.encode(src)
+    state = model.start_decoding(enc) if incremental else None
+    ids, all_logits = [BOS_ID], []
+    for _ in range(steps):
+        if incremental:
+            logits = model.decode_step(torch.tensor([[ids[-1]]]), state)[0, -1]
+        else:
+            logits = model.decode(torch.tensor([ids]), enc)[0, -1]
+        all_logits.append(logits)
+        logits = logits.clone()
+        logits[[PAD_ID, BOS_ID, EOT_ID]] = float("-inf")
+        ids.append(int(logits.argmax()))
+    return ids[1:], torch.stack(all_logits)
+
+
+def bench_p1(model: ChatModel, src: torch.Tensor, repeats: int) -> dict:
+    with torch.inference_mode():
+        inc_ids, inc_logits = greedy_tokens(model, src, P1_NEW_TOKENS, incremental=True)
+        full_ids, full_logits = greedy_tokens(model, src, P1_NEW_TOKENS, incremental=False)
+        inc_s, full_s, ratio = paired_seconds(repeats, (greedy_tokens, model, src, P1_NEW_TOKENS, True),
+                                              (greedy_tokens, model, src, P1_NEW_TOKENS, False))
+    return {"new_tokens": P1_NEW_TOKENS, "incremental_s": inc_s, "full_recompute_s": full_s,
+            "incremental_ms_per_token": 1000 * inc_s / P1_NEW_TOKENS,
+            "full_recompute_ms_per_token": 1000 * full_s / P1_NEW_TOKENS, "speedup": 1 / ratio,
+            "same_tokens": inc_ids == full_ids, "max_abs_logit_diff": float((inc_logits - full_logits).abs().max())}
+
+
+# ----------------------------------------------------------------------------------------- P2
+
+
+def t5_like(model: ChatModel):
+    """A T5 of about our model's parameter count: d_model, heads and vocabulary ours; layers and d_ff
+    chosen so the non-embedding weights match (2 + 7 layers of 12 d^2 and 16 d^2 with d_ff = 4d, the
+    same sizing as the project's default-vanilla preset)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    c = model.config
+    config = T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_model // c.n_heads, d_ff=4 * c.d_model,
+                      num_layers=2, num_decoder_layers=7, num_heads=c.n_heads, feed_forward_proj="relu",
+                      dropout_rate=0.0, tie_word_embeddings=True, pad_token_id=PAD_ID, eos_token_id=EOT_ID,
+                      decoder_start_token_id=BOS_ID)
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def hf_sample_and_rank(t5, tokenizer, context: list[str], max_source_len: int, forced: bool) -> str:
+    """Tokenize, sample 20, score each by the model's log-likelihood (T = 1), return the best text."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    src = contexts_to_tensor(tokenizer, [context], max_source_len)
+    # A config-less cache grows a layer per decoder layer; the one generate() builds from the config
+    # sizes the decoder cache by the encoder's depth (num_layers) and fails when the depths differ.
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    out = t5.generate(input_ids=src, attention_mask=src.ne(PAD_ID), do_sample=True, temperature=P2_TEMPERATURE,
+                      top_k=0, top_p=1.0, num_return_sequences=P2_CANDIDATES, max_new_tokens=P2_NEW_TOKENS,
+                      min_new_tokens=P2_NEW_TOKENS if forced else 0, past_key_values=cache,
+                      return_dict_in_generate=True, output_logits=True)
+    generated = out.sequences[:, 1:]  # (N, T) without the start token
+    logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (N, T, V)
+    token_lp = logprobs.gather(2, generated[..., None])[..., 0]
+    # Tokens after a row's end token are padding: not part of that candidate.
+    ended_before = (generated == EOT_ID).int().cumsum(1) - (generated == EOT_ID).int()
+    scores = token_lp.masked_fill(ended_before > 0, 0.0).sum(1)
+    best = int(scores.argmax())
+    return tokenizer.decode(generated[best].tolist())
+
+
+def bench_p2(loaded, context: list[str], repeats: int) -> dict:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    engine = ReplyEngine(model, tokenizer)
+    t5 = t5_like(model)
+    rows = {}
+    with torch.inference_mode():
+        for name, forced in (("natural_length", False), ("forced_32_tokens", True)):
+            config = DecodingConfig(num_candidates=P2_CANDIDATES, temperature=P2_TEMPERATURE,
+                                    max_new_tokens=P2_NEW_TOKENS, min_new_tokens=P2_NEW_TOKENS if forced else 1, seed=0)
+            ours, hf, ratio = paired_seconds(
+                repeats, (engine.reply, [context], config),
+                (hf_sample_and_rank, t5, tokenizer, context, model.config.max_source_len, forced))
+            (reply,) = engine.reply([context], config)
+            rows[name] = {"ours_s": ours, "hf_t5_s": hf, "ratio": ratio,
+                          "ours_decode_steps": reply.timings["decode_steps"]}
+    return {"context": context, "ours_parameters": model.num_parameters(),
+            "hf_t5_parameters": sum(p.numel() for p in t5.parameters()), **rows}
+
+
+def bench_batches(loaded, contexts: list[list[str]], repeats: int) -> dict:
+    engine = ReplyEngine(loaded.model, loaded.tokenizer)
+    config = DecodingConfig(num_candidates=P2_CANDIDATES, temperature=P2_TEMPERATURE, max_new_tokens=P2_NEW_TOKENS,
+                            seed=0)
+    rows = {}
+    with torch.inference_mode():
+        for size in BATCH_SIZES:
+            seconds = median_seconds(repeats, engine.reply, contexts[:size], config)
+            rows[str(size)] = {"call_s": seconds, "per_reply_s": seconds / size}
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def markdown(result: dict) -> str:
+    p1, p2, batches = result["p1"], result["p2"], result["batches"]
+    m = result["machine"]
+    lines = [f"{result['date']}, {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, load average "
+             f"{result['load_average']:.1f} at start; model {result['model']} ({p2['ours_parameters'] / 1e6:.2f}M "
+             f"parameters); median of {result['repeats']} runs after a warm-up, compared sides alternating.", "",
+             f"P1: greedy, {p1['new_tokens']} new tokens, one context",
+             "", "| decoding | ms / token | total s |", "|---|---:|---:|",
+             f"| full recompute | {p1['full_recompute_ms_per_token']:.2f} | {p1['full_recompute_s']:.3f} |",
+             f"| incremental (caches) | {p1['incremental_ms_per_token']:.2f} | {p1['incremental_s']:.3f} |",
+             "", f"Speed-up (median of per-pair ratios) {p1['speedup']:.1f}x; same tokens: {p1['same_tokens']}; "
+             f"max |logit difference| {p1['max_abs_logit_diff']:.2e}.", "",
+             f"P2: one sample-and-rank reply, N = {P2_CANDIDATES}, T = {P2_TEMPERATURE}, up to {P2_NEW_TOKENS} new "
+             f"tokens; HF T5 {p2['hf_t5_parameters'] / 1e6:.2f}M parameters, random weights",
+             "", "| reply length | ours s | HF T5 generate + rank s | ours / HF (median of pairs) |",
+             "|---|---:|---:|---:|"]
+    for name, label in (("natural_length", "natural (ours stops at end-of-turn)"),
+                        ("forced_32_tokens", "32 tokens forced on both")):
+        row = p2[name]
+        lines.append(f"| {label} | {row['ours_s']:.3f} | {row['hf_t5_s']:.3f} | {row['ratio']:.2f} |")
+    lines += ["", f"Batched sample-and-rank (N = {P2_CANDIDATES}, up to {P2_NEW_TOKENS} tokens), held-out contexts",
+              "", "| contexts per call | call s | s per reply |", "|---:|---:|---:|"]
+    for size, row in batches.items():
+        lines.append(f"| {size} | {row['call_s']:.3f} | {row['per_reply_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    # Other processes on the machine slow every timing: the load average says how busy it was.
+    result = {**header(), "load_average": os.getloadavg()[0], "transformers": transformers.__version__}
+    loaded = load_model(args.model)
+    # Loaded once, before any timing: reading the corpus never falls between timed runs.
+    contexts = held_out_contexts(max(BATCH_SIZES), seed=0)
+    src = contexts_to_tensor(loaded.tokenizer, contexts[:1], loaded.model.config.max_source_len)
+    result.update({"model": str(loaded.directory), "repeats": args.repeats,
+                   "p1": bench_p1(loaded.model, src, args.repeats), "p2": bench_p2(loaded, contexts[0], args.repeats),
+                   "batches": bench_batches(loaded, contexts, args.repeats)})
+    print(markdown(result))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
