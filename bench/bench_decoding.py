@@ -12,7 +12,8 @@ P2  One sample-and-rank reply (N = 20, T = 0.88, up to 32 new tokens) from the r
     Then the time per reply when 1, 8 and 32 held-out contexts are decoded in one engine call.
 
 Each timing is the median of --repeats runs after one warm-up run; the two sides of a comparison
-alternate run by run and their ratio is the median of the per-pair ratios.
+alternate run by run and their ratio is the median of the per-pair ratios.  Wall time and this
+process's CPU time are both kept: on a shared machine the CPU time is the steadier of the two.
 
 Usage:  python -m bench.bench_decoding [--model DIR] [--out FILE.json] [--threads 2]
 """
@@ -39,28 +40,31 @@ P2_CANDIDATES, P2_TEMPERATURE, P2_NEW_TOKENS = 20, 0.88, 32
 BATCH_SIZES = (1, 8, 32)
 
 
-def seconds(fn: Callable[..., object], *args: object) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[..., object], *args: object) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call.  On a shared machine the CPU time is
+    the steadier measure of the work done: waiting for a core does not count."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def median_seconds(repeats: int, fn: Callable[..., object], *args: object) -> float:
+def median_timed(repeats: int, fn: Callable[..., object], *args: object) -> tuple[float, float]:
     fn(*args)  # warm-up: first-call allocations and kernel selection are not what we measure
-    return statistics.median(seconds(fn, *args) for _ in range(repeats))
+    runs = [timed(fn, *args) for _ in range(repeats)]
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
 
 
-def paired_seconds(repeats: int, a: tuple, b: tuple) -> tuple[float, float, float]:
-    """Median times of ``a`` and ``b`` (each a (fn, *args) tuple) and the median of their per-pair ratio.
-
-    The two alternate, so a change in load on a shared machine hits both alike; the ratio within a
-    pair is the steadier comparison.
-    """
+def paired(repeats: int, a: tuple, b: tuple) -> dict[str, float]:
+    """Median wall and CPU times of ``a`` and ``b`` (each a (fn, *args) tuple) and the medians of their
+    per-pair ratios a / b.  The two alternate, so a change in load hits both alike."""
     for fn, *args in (a, b):
         fn(*args)  # warm-up
-    pairs = [(seconds(*a), seconds(*b)) for _ in range(repeats)]
-    return (statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs),
-            statistics.median(x / y for x, y in pairs))
+    pairs = [(timed(*a), timed(*b)) for _ in range(repeats)]
+    med = statistics.median
+    return {"a_s": med(x[0] for x, _ in pairs), "b_s": med(y[0] for _, y in pairs),
+            "ratio": med(x[0] / y[0] for x, y in pairs),
+            "a_cpu_s": med(x[1] for x, _ in pairs), "b_cpu_s": med(y[1] for _, y in pairs),
+            "cpu_ratio": med(x[1] / y[1] for x, y in pairs)}
 
 
 # ----------------------------------------------------------------------------------------- P1
@@ -87,11 +91,13 @@ def bench_p1(model: ChatModel, src: torch.Tensor, repeats: int) -> dict:
     with torch.inference_mode():
         inc_ids, inc_logits = greedy_tokens(model, src, P1_NEW_TOKENS, incremental=True)
         full_ids, full_logits = greedy_tokens(model, src, P1_NEW_TOKENS, incremental=False)
-        inc_s, full_s, ratio = paired_seconds(repeats, (greedy_tokens, model, src, P1_NEW_TOKENS, True),
-                                              (greedy_tokens, model, src, P1_NEW_TOKENS, False))
-    return {"new_tokens": P1_NEW_TOKENS, "incremental_s": inc_s, "full_recompute_s": full_s,
-            "incremental_ms_per_token": 1000 * inc_s / P1_NEW_TOKENS,
-            "full_recompute_ms_per_token": 1000 * full_s / P1_NEW_TOKENS, "speedup": 1 / ratio,
+        t = paired(repeats, (greedy_tokens, model, src, P1_NEW_TOKENS, True),
+                   (greedy_tokens, model, src, P1_NEW_TOKENS, False))
+    return {"new_tokens": P1_NEW_TOKENS, "incremental_s": t["a_s"], "full_recompute_s": t["b_s"],
+            "incremental_cpu_s": t["a_cpu_s"], "full_recompute_cpu_s": t["b_cpu_s"],
+            "incremental_ms_per_token": 1000 * t["a_s"] / P1_NEW_TOKENS,
+            "full_recompute_ms_per_token": 1000 * t["b_s"] / P1_NEW_TOKENS,
+            "speedup": 1 / t["ratio"], "cpu_speedup": 1 / t["cpu_ratio"],
             "same_tokens": inc_ids == full_ids, "max_abs_logit_diff": float((inc_logits - full_logits).abs().max())}
 
 
@@ -144,11 +150,11 @@ def bench_p2(loaded, context: list[str], repeats: int) -> dict:
         for name, forced in (("natural_length", False), ("forced_32_tokens", True)):
             config = DecodingConfig(num_candidates=P2_CANDIDATES, temperature=P2_TEMPERATURE,
                                     max_new_tokens=P2_NEW_TOKENS, min_new_tokens=P2_NEW_TOKENS if forced else 1, seed=0)
-            ours, hf, ratio = paired_seconds(
-                repeats, (engine.reply, [context], config),
-                (hf_sample_and_rank, t5, tokenizer, context, model.config.max_source_len, forced))
+            t = paired(repeats, (engine.reply, [context], config),
+                       (hf_sample_and_rank, t5, tokenizer, context, model.config.max_source_len, forced))
             (reply,) = engine.reply([context], config)
-            rows[name] = {"ours_s": ours, "hf_t5_s": hf, "ratio": ratio,
+            rows[name] = {"ours_s": t["a_s"], "hf_t5_s": t["b_s"], "ratio": t["ratio"], "ours_cpu_s": t["a_cpu_s"],
+                          "hf_t5_cpu_s": t["b_cpu_s"], "cpu_ratio": t["cpu_ratio"],
                           "ours_decode_steps": reply.timings["decode_steps"]}
     return {"context": context, "ours_parameters": model.num_parameters(),
             "hf_t5_parameters": sum(p.numel() for p in t5.parameters()), **rows}
@@ -161,8 +167,9 @@ def bench_batches(loaded, contexts: list[list[str]], repeats: int) -> dict:
     rows = {}
     with torch.inference_mode():
         for size in BATCH_SIZES:
-            seconds = median_seconds(repeats, engine.reply, contexts[:size], config)
-            rows[str(size)] = {"call_s": seconds, "per_reply_s": seconds / size}
+            wall, cpu = median_timed(repeats, engine.reply, contexts[:size], config)
+            rows[str(size)] = {"call_s": wall, "per_reply_s": wall / size, "call_cpu_s": cpu,
+                               "per_reply_cpu_s": cpu / size}
     return rows
 
 
@@ -174,25 +181,29 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"{result['date']}, {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, load average "
              f"{result['load_average']:.1f} at start; model {result['model']} ({p2['ours_parameters'] / 1e6:.2f}M "
-             f"parameters); median of {result['repeats']} runs after a warm-up, compared sides alternating.", "",
+             f"parameters); medians of {result['repeats']} runs after a warm-up, compared sides alternating; "
+             "CPU = this process's CPU time.", "",
              f"P1: greedy, {p1['new_tokens']} new tokens, one context",
-             "", "| decoding | ms / token | total s |", "|---|---:|---:|",
-             f"| full recompute | {p1['full_recompute_ms_per_token']:.2f} | {p1['full_recompute_s']:.3f} |",
-             f"| incremental (caches) | {p1['incremental_ms_per_token']:.2f} | {p1['incremental_s']:.3f} |",
-             "", f"Speed-up (median of per-pair ratios) {p1['speedup']:.1f}x; same tokens: {p1['same_tokens']}; "
-             f"max |logit difference| {p1['max_abs_logit_diff']:.2e}.", "",
+             "", "| decoding | ms / token | wall s | CPU s |", "|---|---:|---:|---:|",
+             f"| full recompute | {p1['full_recompute_ms_per_token']:.2f} | {p1['full_recompute_s']:.3f} | "
+             f"{p1['full_recompute_cpu_s']:.3f} |",
+             f"| incremental (caches) | {p1['incremental_ms_per_token']:.2f} | {p1['incremental_s']:.3f} | "
+             f"{p1['incremental_cpu_s']:.3f} |",
+             "", f"Speed-up {p1['speedup']:.1f}x wall, {p1['cpu_speedup']:.1f}x CPU (medians of per-pair ratios); "
+             f"same tokens: {p1['same_tokens']}; max |logit difference| {p1['max_abs_logit_diff']:.2e}.", "",
              f"P2: one sample-and-rank reply, N = {P2_CANDIDATES}, T = {P2_TEMPERATURE}, up to {P2_NEW_TOKENS} new "
              f"tokens; HF T5 {p2['hf_t5_parameters'] / 1e6:.2f}M parameters, random weights",
-             "", "| reply length | ours s | HF T5 generate + rank s | ours / HF (median of pairs) |",
-             "|---|---:|---:|---:|"]
+             "", "| reply length | ours wall s | HF T5 generate + rank wall s | ours / HF wall | ours / HF CPU |",
+             "|---|---:|---:|---:|---:|"]
     for name, label in (("natural_length", "natural (ours stops at end-of-turn)"),
                         ("forced_32_tokens", "32 tokens forced on both")):
         row = p2[name]
-        lines.append(f"| {label} | {row['ours_s']:.3f} | {row['hf_t5_s']:.3f} | {row['ratio']:.2f} |")
+        lines.append(f"| {label} | {row['ours_s']:.3f} | {row['hf_t5_s']:.3f} | {row['ratio']:.2f} | "
+                     f"{row['cpu_ratio']:.2f} |")
     lines += ["", f"Batched sample-and-rank (N = {P2_CANDIDATES}, up to {P2_NEW_TOKENS} tokens), held-out contexts",
-              "", "| contexts per call | call s | s per reply |", "|---:|---:|---:|"]
+              "", "| contexts per call | call wall s | wall s per reply | CPU s per reply |", "|---:|---:|---:|---:|"]
     for size, row in batches.items():
-        lines.append(f"| {size} | {row['call_s']:.3f} | {row['per_reply_s']:.3f} |")
+        lines.append(f"| {size} | {row['call_s']:.3f} | {row['per_reply_s']:.3f} | {row['per_reply_cpu_s']:.3f} |")
     return "\n".join(lines)
 
 
