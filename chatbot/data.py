@@ -218,7 +218,7 @@ def write_split(convs: Iterable[Conversation], tokenizer: ChatTokenizer, out_dir
                         examples.append((turn, max(first_turn, turn - MAX_CONTEXT_TURNS)))
             pending.clear()
 
-        for conv in tqdm(convs, desc=f"tokenizing {out_dir.name}", unit=" conv", disable=not progress, leave=False):
+        for conv in tqdm(convs, desc=f"tokenizing {out_dir.name}", unit=" conv", disable=None if progress else True, leave=False):  # None: no bar off a terminal
             n_conv += 1
             pending.append(conv)
             if len(pending) >= batch_size:

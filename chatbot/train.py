@@ -165,7 +165,7 @@ class Distributed:
 # ----------------------------------------------------------------------------------------- data
 
 
-def prepare_data(cfg: TrainConfig, out: Path, is_main: bool) -> tuple[ChatTokenizer, dict[str, Path]]:
+def prepare_data(cfg: TrainConfig, out: Path) -> tuple[ChatTokenizer, dict[str, Path]]:
     """The tokenizer (given, resumed, or trained on the train split) and the tokenized splits."""
     tok_path = out / TOKENIZER
     if cfg.tokenizer:
@@ -213,12 +213,12 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     if ddp.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer, splits = prepare_data(cfg, out, True)
+        tokenizer, splits = prepare_data(cfg, out)
         if not (out / TOKENIZER).exists():
             tokenizer.save(out / TOKENIZER)
     ddp.barrier()
     if not ddp.is_main:
-        tokenizer, splits = prepare_data(cfg, out, False)  # cached: loads what rank 0 wrote
+        tokenizer, splits = prepare_data(cfg, out)  # cached: loads what rank 0 wrote
 
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     saved = check_resume(out, cfg, model_cfg)

@@ -51,7 +51,7 @@ def evaluate_perplexity(model: ChatModel, store: ExampleStore, batch_tokens: int
         keep = set(range(min(max_examples, len(store))))
         batches = [b for b in ([i for i in batch if i in keep] for batch in batches) if b]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-    for idx in tqdm(batches, desc="perplexity", unit=" batch", disable=not progress, leave=False):
+    for idx in tqdm(batches, desc="perplexity", unit=" batch", disable=None if progress else True, leave=False):  # None: no bar off a terminal
         batch = store.collate(idx)
         with autocast:
             logits = model(batch.src.to(device), batch.tgt_in.to(device))
