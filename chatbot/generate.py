@@ -375,19 +375,20 @@ class _Call:
     def _pick(self, logprobs: Tensor, step: int, segments: list[tuple[int, int]], generators: list[torch.Generator],
               greedy: bool) -> Tensor:
         """Next token per row: log-probabilities (R, V) -> (R,).  ``segments``: (context, rows) blocks in row order."""
-        scores = logprobs.clone()
+        cfg = self.config
+        # A new tensor either way, so the masks below may write in place.
+        scores = logprobs.clone() if greedy else logprobs / cfg.temperature
         scores[:, self.engine.banned_ids] = float("-inf")
         if step < self.min_new_tokens:
             scores[:, EOT_ID] = float("-inf")
         if greedy:
             return scores.argmax(-1)
-        cfg = self.config
-        scores = filter_logits(scores / cfg.temperature, cfg.top_k, cfg.top_p)
+        scores = filter_logits(scores, cfg.top_k, cfg.top_p)
         # Inverse-CDF sampling on unnormalised weights (the draw is scaled by the total instead), one
         # uniform draw per row from that row's context generator, so batching changes nothing.  Several
-        # times cheaper than softmax + torch.multinomial over an 8K vocabulary.
-        weights = (scores - scores.max(-1, keepdim=True).values).exp()  # the best token weighs 1: no underflow
-        cdf = weights.cumsum(-1)
+        # times cheaper than softmax + torch.multinomial over an 8K vocabulary; in place, because at
+        # (rows, vocabulary) every fresh buffer costs page faults.
+        cdf = scores.sub_(scores.max(-1, keepdim=True).values).exp_().cumsum_(-1)  # the best token weighs 1
         uniform = torch.cat([torch.rand(count, generator=generators[context], device=logprobs.device)
                              for context, count in segments])
         # right=True: the first token whose cumulative weight exceeds the draw; zero-weight tokens never win
@@ -399,7 +400,7 @@ class _Call:
         C, device = len(self.contexts), self.engine.device
         generators = [torch.Generator(device=device).manual_seed(context_seed(self.config.seed, ids))
                       for ids in self.source_ids]
-        state = self.model.start_decoding(self.enc, repeats=n)
+        state = self.model.start_decoding(self.enc, repeats=n, max_new_tokens=self.max_new_tokens)
         drafts = [Draft() for _ in range(C * n)]
         rows = torch.arange(C * n, device=device)  # which draft each live row is; stays context-major
         remaining = [n] * C
@@ -448,7 +449,7 @@ class _Call:
         """
         C, B, device = len(self.contexts), self.config.beam_size, self.engine.device
         V = self.model.config.vocab_size
-        state = self.model.start_decoding(self.enc, repeats=B)
+        state = self.model.start_decoding(self.enc, repeats=B, max_new_tokens=self.max_new_tokens)
         live = list(range(C))  # the context of each block of B rows
         beams = [[Draft() for _ in range(B)] for _ in range(C)]
         finished: list[list[Draft]] = [[] for _ in range(C)]

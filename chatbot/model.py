@@ -4,9 +4,14 @@ pre-norm Transformer, chosen by ``ModelConfig.block_type``.
 Shapes: B batch, S source length, T target length, d width, H heads, V vocabulary.
 Every sub-layer is pre-norm: ``x = x + drop(F(LN(x)))``; LayerNorm eps is 1e-6 throughout.
 
-Incremental decoding keeps, per decoder layer, the k/v of its causal self-attentions (grown each step),
-the k/v of its encoder attentions (computed once), and for ET the sliding windows its causal
-convolutions read (``DecoderState``), so one step costs O(1) conv work and equals the full pass.
+Incremental decoding (``start_decoding`` / ``decode_step``) keeps, per decoder layer (``LayerCache``),
+the k/v of its causal self-attentions in preallocated buffers, the k/v of its encoder attentions
+(projected once per *context*, never copied per row), and for ET the sliding windows its causal
+convolutions read, so a step costs O(1) conv work and equals the full pass.  Rows decoding the same
+context (sample-and-rank's N candidates, beam search's beams) share that context's encoder k/v:
+their queries are laid out in a (context, row) grid (``RowGroups``) and attend with one batched
+matmul per context.  A step with one new token per row avoids the general kernels whose fixed cost
+dominates at this size (SDPA, oneDNN depthwise convolution) for plain matmuls and multiply-sums.
 """
 
 from __future__ import annotations
@@ -66,6 +71,12 @@ class SeparableConv1d(nn.Module):
     def causal(self, x: Tensor) -> Tensor:
         return self(F.pad(x, (0, 0, self.kernel_size - 1, 0)))
 
+    def last(self, window: Tensor) -> Tensor:
+        """The output at the last position of ``window`` (B, >= k, C) -> (B, 1, out).  Equals
+        ``self(window)[:, -1:]``; a multiply-sum is several times faster than a one-output conv."""
+        taps = window[:, -self.kernel_size:] * self.depthwise[:, 0].t()  # (B, k, C)
+        return self.pointwise(taps.sum(1, keepdim=True))
+
 
 class Attention(nn.Module):
     """Multi-head attention without biases; heads are contiguous channel blocks, q scaled by (d/H)^-0.5."""
@@ -92,21 +103,47 @@ class Attention(nn.Module):
         B, H, T, dh = h.shape
         return self.out(h.transpose(1, 2).reshape(B, T, H * dh))
 
-    def self_attend(self, x: Tensor, cache: dict[str, Tensor] | None = None, name: str = "") -> Tensor:
-        """Causal self-attention; with a cache, ``x`` holds the new positions and k/v are appended."""
+    def self_attend(self, x: Tensor, step: StepInput | None = None, name: str = "") -> Tensor:
+        """Causal self-attention; in a decoding step ``x`` holds the new positions, whose k/v are written
+        into the layer's buffers at the step's position, and the queries read every filled position."""
         k, v = self.project_kv(x)
-        if cache is None:
+        if step is None:
             return self.attend(x, k, v, causal=True)
-        if name + "k" in cache:
-            k = torch.cat([cache[name + "k"], k], dim=2)
-            v = torch.cat([cache[name + "v"], v], dim=2)
-        cache[name + "k"], cache[name + "v"] = k, v
-        # One new query attends to every cached key; several new ones need the causal offset mask.
-        mask = None
-        if x.shape[1] > 1:
-            T, S = x.shape[1], k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        past, start = step.cache.past, step.position
+        end = start + x.shape[1]
+        if past[name + "k"].shape[2] < end:  # beyond the capacity start_decoding was given: grow
+            for key in (name + "k", name + "v"):
+                buf = past[key]
+                grown = buf.new_empty(buf.shape[:2] + (max(2 * buf.shape[2], end),) + buf.shape[3:])
+                grown[:, :, :start] = buf[:, :, :start]
+                past[key] = grown
+        past[name + "k"][:, :, start:end] = k
+        past[name + "v"][:, :, start:end] = v
+        k, v = past[name + "k"][:, :, :end], past[name + "v"][:, :, :end]
+        if x.shape[1] == 1:  # one query sees every filled position: no mask
+            return self.attend_one(x, k, v)
+        T, S = x.shape[1], end  # several new queries need the causal offset mask
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         return self.attend(x, k, v, mask=mask)
+
+    def attend_one(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One query per row, (B, 1, d), against (B, H, S, d/H): two batched matmuls beat SDPA's setup."""
+        q = self.split(self.q(x))  # (B, H, 1, d/H)
+        weights = (torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+        h = torch.matmul(weights, v)  # (B, H, 1, d/H)
+        return self.out(h.transpose(1, 2).reshape(x.shape))
+
+    def attend_grouped(self, x: Tensor, k: Tensor, v: Tensor, rows: RowGroups) -> Tensor:
+        """Cross-attention in a decoding step: row r of ``x`` (R, t, d) reads the k/v (C, H, S, d/H) of
+        its context.  Queries go into a (C, n) grid so each context's rows attend in one matmul."""
+        R, t, d = x.shape
+        q = rows.to_grid(self.q(x).view(R, t, self.heads, d // self.heads))  # (C, n, t, H, dh)
+        C, n = q.shape[:2]
+        q = q.view(C, n * t, self.heads, -1).transpose(1, 2)  # (C, H, n*t, dh)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (C, H, n*t, S)
+        weights = scores.masked_fill(~rows.mask, float("-inf")).softmax(-1)
+        h = torch.matmul(weights, v).transpose(1, 2).reshape(C, n, t, d)
+        return self.out(rows.from_grid(h))
 
 
 class FeedForward(nn.Module):
@@ -131,6 +168,105 @@ class EncoderOutput:
     @property
     def attention_mask(self) -> Tensor:  # (B, 1, 1, S) bool, True where attention is allowed
         return ~self.padding[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------- decoding state
+
+
+@dataclass
+class RowGroups:
+    """Which context each decoding row reads, laid out for grouped cross-attention.
+
+    Rows are scattered into a grid of C contexts x ``width`` slots (``width``: the most rows any
+    context has); slot ``c * width + i`` holds context c's i-th row.  When the rows already are the
+    full grid in order (every context has ``width`` rows, context-major), ``slot`` is None and the
+    layout is a free reshape.  Unused slots attend to their context like any row and are discarded.
+    """
+
+    mask: Tensor  # (C, 1, 1, S) bool, True where attention is allowed
+    row_context: Tensor  # (R,) the context of each row, in 0..C-1
+    width: int
+    slot: Tensor | None  # (R,) each row's slot in the grid, or None for the identity layout
+
+    @classmethod
+    def build(cls, mask: Tensor, row_context: Tensor) -> "RowGroups":
+        C, R = mask.shape[0], row_context.shape[0]
+        counts = torch.bincount(row_context, minlength=C)
+        width = int(counts.max())
+        order = torch.argsort(row_context, stable=True)
+        first = counts.cumsum(0) - counts  # first sorted position of each context
+        rank = torch.empty_like(row_context)
+        rank[order] = torch.arange(R, device=row_context.device) - first[row_context[order]]
+        slot = row_context * width + rank
+        identity = R == C * width and bool(slot.eq(torch.arange(R, device=slot.device)).all())
+        return cls(mask, row_context, width, None if identity else slot)
+
+    def to_grid(self, x: Tensor) -> Tensor:
+        """(R, ...) -> (C, width, ...)"""
+        C = self.mask.shape[0]
+        if self.slot is None:
+            return x.view(C, self.width, *x.shape[1:])
+        grid = x.new_zeros((C * self.width, *x.shape[1:]))
+        return grid.index_copy_(0, self.slot, x).view(C, self.width, *x.shape[1:])
+
+    def from_grid(self, grid: Tensor) -> Tensor:
+        """(C, width, ...) -> (R, ...)"""
+        flat = grid.reshape(-1, *grid.shape[2:])
+        return flat if self.slot is None else flat.index_select(0, self.slot)
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's incremental-decoding state."""
+
+    memory: dict[str, Tensor]  # encoder-attention k/v, one row per *context*: (C, H, S, d/H)
+    past: dict[str, Tensor]  # self-attention k/v buffers (R, H, capacity, d/H); positions < step are filled
+    windows: dict[str, Tensor]  # the conv windows: the last k-1 inputs of each causal conv, (R, k-1, c)
+
+
+@dataclass
+class StepInput:
+    """What a decoder block needs for one incremental step besides its input."""
+
+    cache: LayerCache
+    position: int  # of the first new token
+    rows: RowGroups
+
+
+@dataclass
+class DecoderState:
+    """Everything incremental decoding carries between steps (rows on dim 0, contexts on dim 0 of
+    ``LayerCache.memory`` and ``rows.mask``)."""
+
+    layers: list[LayerCache]
+    rows: RowGroups
+    step: int = 0
+    extra: dict[str, Tensor] = field(default_factory=dict)  # per-row tensors a caller keeps in step with the rows
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows.row_context.shape[0]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (and reorder / repeat) rows: drop finished candidates, follow beams.  Contexts left
+        without rows leave too; the shared encoder k/v are never copied per row."""
+        row_context = self.rows.row_context.index_select(0, rows)
+        mask = self.rows.mask
+        kept = torch.unique(row_context)  # sorted
+        if kept.shape[0] < mask.shape[0]:
+            renumber = torch.full((mask.shape[0],), -1, dtype=torch.long, device=rows.device)
+            renumber[kept] = torch.arange(kept.shape[0], device=rows.device)
+            row_context, mask = renumber[row_context], mask.index_select(0, kept)
+            for layer in self.layers:
+                layer.memory = {k: t.index_select(0, kept) for k, t in layer.memory.items()}
+        self.rows = RowGroups.build(mask, row_context)
+        for layer in self.layers:
+            layer.windows = {k: t.index_select(0, rows) for k, t in layer.windows.items()}
+            for name, buf in layer.past.items():  # copy only the filled positions
+                new = buf.new_empty((rows.shape[0], *buf.shape[1:]))
+                new[:, :, :self.step] = buf[:, :, :self.step].index_select(0, rows)
+                layer.past[name] = new
+        self.extra = {k: t.index_select(0, rows) for k, t in self.extra.items()}
 
 
 # ----------------------------------------------------------------------------------------- encoders
@@ -222,44 +358,47 @@ class EvolvedDecoderBlock(nn.Module):
         k2, v2 = self.enc_attn2.project_kv(memory)
         return {"enc1k": k1, "enc1v": v1, "enc2k": k2, "enc2v": v2}
 
-    def empty_windows(self, batch: int, like: Tensor) -> dict[str, Tensor]:
-        """The conv windows before the first step: k-1 zero rows each (the causal left padding)."""
-        zeros = like.new_zeros
-        return {"win1": zeros(batch, self.LEFT_KERNEL - 1, self.d),
-                "win2": zeros(batch, self.OUT_KERNEL - 1, 2 * self.d)}
+    def new_cache(self, memory: Tensor, rows: int, capacity: int) -> LayerCache:
+        """The state before the first step; the conv windows start as the causal left padding (zeros)."""
+        return LayerCache(memory=self.encoder_kv(memory) if self.cross_attention else {},
+                          past={**empty_past(self.wide_self_attn, "wide", rows, capacity, memory),
+                                **empty_past(self.self_attn, "self", rows, capacity, memory)},
+                          windows={"win1": memory.new_zeros(rows, self.LEFT_KERNEL - 1, self.d),
+                                   "win2": memory.new_zeros(rows, self.OUT_KERNEL - 1, 2 * self.d)})
 
-    def forward(self, x: Tensor, enc: Tensor | dict[str, Tensor], enc_mask: Tensor,
-                cache: dict[str, Tensor] | None = None) -> Tensor:
-        """``enc``: encoder states (B, S, d), or their k/v already projected (incremental decoding)."""
-        if isinstance(enc, Tensor):  # projected here so FSDP has this block's weights gathered
-            enc = self.encoder_kv(enc)
+    def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, step: StepInput | None = None) -> Tensor:
+        """A full (teacher-forced) pass over ``x`` (B, T, d) reading encoder states ``enc`` (B, S, d), or,
+        with ``step``, the next positions of incremental decoding (``enc`` and ``enc_mask`` unused)."""
+        # Projected here, not by the caller, so FSDP has this block's weights gathered.
+        kv = self.encoder_kv(enc) if step is None and self.cross_attention else None
         y = self.attn1_norm(x)
-        h = self.drop(self.wide_self_attn.self_attend(y, cache, "wide"))
+        h = self.drop(self.wide_self_attn.self_attend(y, step, "wide"))
         if self.cross_attention:
-            h = h + self.drop(self.enc_attn1.attend(y, enc["enc1k"], enc["enc1v"], mask=enc_mask))
+            h = h + self.drop(cross_attend(self.enc_attn1, y, "enc1", kv, enc_mask, step))
         x = x + h
 
         y = self.conv_norm(x)  # (B, T, d)
-        if cache is None:
+        if step is None:
             left = self.conv_left.causal(y)
             right = self.conv_right.causal(y)
         else:  # window = previous LEFT_KERNEL-1 rows + the new ones
-            window = torch.cat([cache["win1"], y], dim=1)
-            cache["win1"] = window[:, -(self.LEFT_KERNEL - 1):]
-            left = self.conv_left(window)
-            right = self.conv_right(window[:, self.LEFT_KERNEL - self.RIGHT_KERNEL:])
+            windows = step.cache.windows
+            window = torch.cat([windows["win1"], y], dim=1)
+            windows["win1"] = window[:, -(self.LEFT_KERNEL - 1):]
+            left, right = (conv.last(window) if y.shape[1] == 1 else conv(window[:, self.LEFT_KERNEL - conv.kernel_size:])
+                           for conv in (self.conv_left, self.conv_right))
         y = self.conv_mid_norm(self.drop(F.relu(left)) + pad_channels(self.drop(right), 2 * self.d))  # (B, T, 2d)
-        if cache is None:
+        if step is None:
             y = self.conv_out.causal(y)
         else:
-            window = torch.cat([cache["win2"], y], dim=1)
-            cache["win2"] = window[:, -(self.OUT_KERNEL - 1):]
-            y = self.conv_out(window)
+            window = torch.cat([step.cache.windows["win2"], y], dim=1)
+            step.cache.windows["win2"] = window[:, -(self.OUT_KERNEL - 1):]
+            y = self.conv_out.last(window) if y.shape[1] == 1 else self.conv_out(window)
         x = x + self.drop(y)
 
-        x = x + self.drop(self.self_attn.self_attend(self.attn3_norm(x), cache, "self"))
+        x = x + self.drop(self.self_attn.self_attend(self.attn3_norm(x), step, "self"))
         if self.cross_attention:
-            x = x + self.drop(self.enc_attn2.attend(self.attn4_norm(x), enc["enc2k"], enc["enc2v"], mask=enc_mask))
+            x = x + self.drop(cross_attend(self.enc_attn2, self.attn4_norm(x), "enc2", kv, enc_mask, step))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -281,42 +420,34 @@ class VanillaDecoderBlock(nn.Module):
         k, v = self.enc_attn.project_kv(memory)
         return {"enck": k, "encv": v}
 
-    def empty_windows(self, batch: int, like: Tensor) -> dict[str, Tensor]:
-        return {}
+    def new_cache(self, memory: Tensor, rows: int, capacity: int) -> LayerCache:
+        return LayerCache(memory=self.encoder_kv(memory) if self.cross_attention else {},
+                          past=empty_past(self.self_attn, "self", rows, capacity, memory), windows={})
 
-    def forward(self, x: Tensor, enc: Tensor | dict[str, Tensor], enc_mask: Tensor,
-                cache: dict[str, Tensor] | None = None) -> Tensor:
-        if isinstance(enc, Tensor):
-            enc = self.encoder_kv(enc)
-        x = x + self.drop(self.self_attn.self_attend(self.self_norm(x), cache, "self"))
+    def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, step: StepInput | None = None) -> Tensor:
+        kv = self.encoder_kv(enc) if step is None and self.cross_attention else None
+        x = x + self.drop(self.self_attn.self_attend(self.self_norm(x), step, "self"))
         if self.cross_attention:
-            x = x + self.drop(self.enc_attn.attend(self.enc_norm(x), enc["enck"], enc["encv"], mask=enc_mask))
+            x = x + self.drop(cross_attend(self.enc_attn, self.enc_norm(x), "enc", kv, enc_mask, step))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
+def empty_past(attn: Attention, name: str, rows: int, capacity: int, like: Tensor) -> dict[str, Tensor]:
+    """Unfilled self-attention k/v buffers for ``capacity`` positions."""
+    shape = (rows, attn.heads, capacity, like.shape[-1] // attn.heads)
+    return {name + "k": like.new_empty(shape), name + "v": like.new_empty(shape)}
+
+
+def cross_attend(attn: Attention, y: Tensor, name: str, kv: dict[str, Tensor] | None, enc_mask: Tensor | None,
+                 step: StepInput | None) -> Tensor:
+    """Encoder attention: full pass (one encoder row per row) or a decoding step (rows share contexts)."""
+    if step is None:
+        return attn.attend(y, kv[name + "k"], kv[name + "v"], mask=enc_mask)
+    memory = step.cache.memory
+    return attn.attend_grouped(y, memory[name + "k"], memory[name + "v"], step.rows)
+
+
 # ----------------------------------------------------------------------------------------- the model
-
-
-@dataclass
-class DecoderState:
-    """Everything incremental decoding carries between steps; every tensor has the batch on dim 0."""
-
-    layers: list[dict[str, Tensor]]  # per decoder layer: self-attn k/v, encoder k/v, conv windows
-    enc_mask: Tensor  # (B, 1, 1, S)
-    step: int = 0
-    extra: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return self.enc_mask.shape[0]
-
-    def select(self, rows: Tensor) -> None:
-        """Keep (and reorder / repeat) batch rows: drop finished candidates, follow beams."""
-        self.enc_mask = self.enc_mask.index_select(0, rows)
-        for layer in self.layers:
-            for name, t in layer.items():
-                layer[name] = t.index_select(0, rows)
-        self.extra = {k: t.index_select(0, rows) for k, t in self.extra.items()}
 
 
 class ChatModel(nn.Module):
@@ -335,6 +466,8 @@ class ChatModel(nn.Module):
         self.encoder_norm = layer_norm(cfg.d_model)
         self.decoder = nn.ModuleList(decoder_block(cfg) for _ in range(cfg.n_decoder_layers))
         self.decoder_norm = layer_norm(cfg.d_model)
+        self._position_table: Tensor | None = None
+        self._output_weight: tuple[tuple, Tensor] | None = None  # see logits()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -354,12 +487,31 @@ class ChatModel(nn.Module):
     # -- embedding
 
     def embed(self, ids: Tensor, offset: int = 0) -> Tensor:
-        positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
-        x = self.embedding(ids) * self.config.d_model ** 0.5 + sinusoidal_positions(positions, self.config.d_model)
+        x = self.embedding(ids) * self.config.d_model ** 0.5 + self.positions(offset, ids.shape[1], ids.device)
         return self.drop(x)
 
+    def positions(self, offset: int, length: int, device: torch.device) -> Tensor:
+        """Rows offset..offset+length-1 of the position signal, from a table computed once (not a
+        buffer: it is not a weight, and a meta-device model would leave it unset)."""
+        end = offset + length
+        table = self._position_table
+        if table is None or table.shape[0] < end or table.device != device:
+            size = max(end, self.config.max_source_len, self.config.max_target_len)
+            table = sinusoidal_positions(torch.arange(size, device=device), self.config.d_model)
+            self._position_table = table
+        return table[offset:end]
+
     def logits(self, h: Tensor) -> Tensor:
-        return h @ self.embedding.weight.t()  # (..., V), the shared embedding as softmax weights
+        """(..., d) -> (..., V): the shared embedding as softmax weights.  Without autograd, a contiguous
+        (d, V) copy is multiplied instead of the transposed view: several times faster for a few rows
+        on CPU.  The copy is remade whenever the weight changes (its version counter moves)."""
+        weight = self.embedding.weight
+        if torch.is_grad_enabled():
+            return h @ weight.t()
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._output_weight is None or self._output_weight[0] != key:
+            self._output_weight = (key, weight.detach().t().contiguous())
+        return h @ self._output_weight[1]
 
     # -- full passes
 
@@ -385,25 +537,21 @@ class ChatModel(nn.Module):
 
     # -- incremental decoding
 
-    def start_decoding(self, enc: EncoderOutput, repeats: int = 1) -> DecoderState:
-        """Project encoder k/v once per context, then share them with ``repeats`` rows per context."""
-        layers = []
-        for block in self.decoder:
-            kv = block.encoder_kv(enc.states)
-            if repeats > 1:
-                kv = {k: t.repeat_interleave(repeats, dim=0) for k, t in kv.items()}
-            kv.update(block.empty_windows(enc.states.shape[0] * repeats, enc.states))
-            layers.append(kv)
-        mask = enc.attention_mask
-        if repeats > 1:
-            mask = mask.repeat_interleave(repeats, dim=0)
-        return DecoderState(layers, mask)
+    def start_decoding(self, enc: EncoderOutput, repeats: int = 1, max_new_tokens: int | None = None) -> DecoderState:
+        """Project encoder k/v once per context; ``repeats`` rows per context (context-major) share them.
+        ``max_new_tokens`` sizes the self-attention buffers (default: the model's target length); a
+        longer decode still works, by growing them."""
+        C = enc.states.shape[0]
+        capacity = max_new_tokens or self.config.max_target_len
+        rows = RowGroups.build(enc.attention_mask, torch.arange(C, device=enc.states.device).repeat_interleave(repeats))
+        layers = [block.new_cache(enc.states, C * repeats, capacity) for block in self.decoder]
+        return DecoderState(layers, rows)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """Feed new tokens (B, t) (usually t = 1) at the state's position; returns logits (B, t, V)."""
+        """Feed new tokens (R, t) (usually t = 1) at the state's position; returns logits (R, t, V)."""
         x = self.embed(tokens, offset=state.step)
         for block, cache in zip(self.decoder, state.layers):
-            x = block(x, cache, state.enc_mask, cache=cache)
+            x = block(x, None, None, StepInput(cache, state.step, state.rows))
         state.step += tokens.shape[1]
         return self.logits(self.decoder_norm(x))
 

@@ -136,3 +136,39 @@ def test_state_select_and_repeats_follow_rows():
         state.select(torch.tensor([5, 0]))  # keep one copy of c2 and one of c0, in that order
         rest = [model.decode_step(tgt[[2, 0], i:i + 1], state) for i in range(4, tgt.shape[1])]
     assert torch.allclose(torch.cat(rest, 1), full[[2, 0], 4:], atol=1e-4)
+
+
+@pytest.mark.parametrize("block_type", ["evolved", "vanilla"])
+def test_ragged_rows_share_their_contexts_encoder_states(block_type):
+    """After finished rows leave, contexts keep different numbers of rows (the grid layout with
+    scattered slots); a context whose rows all left is dropped.  Every row still continues its own
+    context's sequence, and buffers sized too small grow."""
+    model = eval_model(block_type)
+    src, _ = random_batch(model.config.vocab_size)
+    tgt = torch.randint(5, model.config.vocab_size, (9, 13), generator=torch.Generator().manual_seed(2))
+    tgt[:, 0] = 1  # rows: c0 c0 c0 c1 c1 c1 c2 c2 c2, each with its own tokens
+    with torch.no_grad():
+        full = model(src.repeat_interleave(3, dim=0), tgt)
+        state = model.start_decoding(model.encode(src), repeats=3, max_new_tokens=2)  # grows past 2
+        for i in range(4):
+            model.decode_step(tgt[:, i:i + 1], state)
+        rows = [0, 1, 3, 6, 7, 8]  # c0 x2, c1 x1, c2 x3
+        state.select(torch.tensor(rows))
+        assert state.rows.slot is not None and state.rows.width == 3
+        first = [model.decode_step(tgt[rows, i:i + 1], state) for i in range(4, 8)]
+        state.select(torch.tensor([5, 2]))  # rows 8 (c2) then 3 (c1): c0 leaves
+        assert next(iter(state.layers[0].memory.values())).shape[0] == 2
+        second = [model.decode_step(tgt[[8, 3], i:i + 1], state) for i in range(8, tgt.shape[1])]
+    assert torch.allclose(torch.cat(first, 1), full[rows, 4:8], atol=1e-4)
+    assert torch.allclose(torch.cat(second, 1), full[[8, 3], 8:], atol=1e-4)
+
+
+def test_output_weight_copy_follows_weight_changes():
+    model = eval_model("evolved")
+    h = torch.randn(2, model.config.d_model)
+    with torch.no_grad():
+        before = model.logits(h)
+        model.embedding.weight.mul_(2.0)  # in place, as an optimizer step or load_state_dict would
+        after = model.logits(h)
+    assert torch.allclose(after, 2 * before, atol=1e-5)
+    assert torch.allclose(model.logits(h), h @ model.embedding.weight.t(), atol=1e-5)  # the autograd path agrees
