@@ -6,6 +6,10 @@ P3  throughput and latency of cross-session batching: S sessions x M messages ea
     single-session latency.  Goal: >= 6x replies/s, p95 <= 3x the single-session latency.
 R1  reliability: 200 sessions x 10 messages: zero errors, and every session's history as stored in
     Redis equals what its client saw.
+Engine: the ceiling of P3's throughput ratio.  In this process, the reply engine the server builds
+    (same model, decode settings and torch threads) answers single contexts one call at a time, then
+    --max-batch-size contexts per call: the per-reply speed-up is the most any batcher can get from
+    batching on this machine (the service adds websocket, Redis and scheduling work on top).
 Startup: seconds from process start to /readyz 200 (cold: first start, new data; warm: again), and
     the server's resident memory with the model loaded (idle, and peak over the run).
 
@@ -13,7 +17,7 @@ Servers use a redis-server process on a loopback port (the bench reads it direct
 serving decode settings unless overridden, and no rate limit (the load generator is one client).
 Each phase is bounded by --max-seconds: it stops sending then, and its figures cover the replies done.
 
-    python -m bench.bench_service [--model DIR] [--out results.json] [--only p3,r1,startup]
+    python -m bench.bench_service [--model DIR] [--out results.json] [--only engine,p3,r1,startup]
 """
 
 from __future__ import annotations
@@ -194,6 +198,30 @@ async def run_phase(name: str, server: ServerProcess, redis_url: str, sessions: 
     return result
 
 
+def engine_ceiling(model: str | None, decode: dict, max_batch: int, single_calls: int = 16, batch_calls: int = 2) -> dict:
+    """Per-reply seconds of the server's own engine at batch 1 and at ``max_batch`` contexts per call."""
+    import torch
+
+    from chatbot.serve.app import decoding_config, load_engine
+
+    config = ServeConfig(model_dir=model, **decode)
+    engine = load_engine(config)  # also sets the server's torch threads
+    decoding = decoding_config(config)
+    contexts = [[LINES[i % len(LINES)]] for i in range(max(single_calls, max_batch * batch_calls))]
+    with torch.inference_mode():
+        engine.reply(contexts[:max_batch], decoding)  # warm-up at the large shape
+        t0 = time.perf_counter()
+        for i in range(single_calls):
+            engine.reply(contexts[i:i + 1], decoding)
+        single = (time.perf_counter() - t0) / single_calls
+        t0 = time.perf_counter()
+        for i in range(batch_calls):
+            engine.reply(contexts[i * max_batch:(i + 1) * max_batch], decoding)
+        batched = (time.perf_counter() - t0) / (batch_calls * max_batch)
+    return {"torch_threads": torch.get_num_threads(), "single_s_per_reply": round(single, 3),
+            "batched_s_per_reply": round(batched, 3), "batch": max_batch, "ceiling_ratio": round(single / batched, 2)}
+
+
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (default: the shipped model)")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--only", default="startup,p3,r1", help="comma-separated phases: startup, p3, r1")
+    p.add_argument("--only", default="engine,startup,p3,r1", help="comma-separated phases: engine, startup, p3, r1")
     p.add_argument("--p3-sessions", type=int, default=32)
     p.add_argument("--p3-messages", type=int, default=20)
     p.add_argument("--single-messages", type=int, default=20, help="messages of the single-session baseline")
@@ -228,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {**header(), "model": args.model or "shipped default", "load_average_at_start": os.getloadavg(),
                  "settings": {k: v for k, v in vars(args).items() if k not in ("out", "only")}}
 
+    if "engine" in phases:  # before any server exists, so nothing else competes for the cores
+        out["engine"] = engine_ceiling(args.model, {"num_candidates": args.num_candidates,
+                                                    "max_new_tokens": args.max_new_tokens,
+                                                    "torch_threads": args.torch_threads}, args.max_batch_size)
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, RedisProcess(Path(tmp) / "redis") as redis:
         work = Path(tmp)
 
@@ -274,6 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
                ("wall s", "wall_s"), ("replies/s", "replies_per_s"), ("p50 ms", "p50_ms"), ("p95 ms", "p95_ms"),
                ("p99 ms", "p99_ms"), ("mean batch", "mean_batch_size")]
     print(f"machine: {out['machine']}; load average at start: {out['load_average_at_start']}")
+    if "engine" in out:
+        e = out["engine"]
+        print("\n### Engine alone: the ceiling of the P3 throughput ratio\n")
+        print(table([e], [("torch threads", "torch_threads"), ("s / reply, 1 per call", "single_s_per_reply"),
+                          ("contexts per call", "batch"), ("s / reply, batched", "batched_s_per_reply"),
+                          ("ceiling", "ceiling_ratio")]))
     if "startup" in out:
         s = out["startup"]
         print("\n### Startup and memory\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from test_service_support import run
@@ -58,6 +59,36 @@ def test_jobs_from_many_sessions_form_bounded_batches_off_the_loop() -> None:
         assert b.metrics.registry.get_sample_value("chatbot_batch_size_sum") == 10
 
     run(scenario())
+
+
+class SlowEngine(ScriptedEngine):
+    def reply(self, contexts, config, **kw):
+        time.sleep(0.1)  # a batch takes a while, as a real one does
+        return super().reply(contexts, config, **kw)
+
+
+def test_sessions_answered_by_one_batch_make_the_next_batch_together() -> None:
+    """A closed loop of sessions that started apart (two groups) must not take turns forever: the
+    sessions answered by a batch get max_wait_ms after it to join the jobs that queued meanwhile."""
+    engine = SlowEngine()
+
+    async def session(b: Batcher, name: str, start_after: float) -> None:
+        await asyncio.sleep(start_after)
+        for m in range(5):
+            await b.submit([f"{name}-{m}"]).result()
+            await asyncio.sleep(0.005)  # the reply's trip to the client and the next message's trip back
+
+    async def scenario() -> None:
+        b = batcher(engine, max_batch_size=8, max_wait_ms=30.0)
+        b.start()
+        # s0..s3 start together; s4..s7 arrive while the first batch is decoding.
+        await asyncio.gather(*(session(b, f"s{i}", 0.0 if i < 4 else 0.06) for i in range(8)))
+        await b.close()
+
+    run(scenario())
+    sizes = [len(batch) for batch in engine.batches]
+    # [4, 8, 8, 8, 8, 4]: merged from the second batch on (taking turns would give [4, 4, 4, ...])
+    assert sum(sizes) == 40 and set(sizes[1:-1]) == {8}, sizes
 
 
 def test_pieces_stream_in_order_and_add_up_to_the_reply() -> None:

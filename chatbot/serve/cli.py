@@ -32,7 +32,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit in tokens")
     p.add_argument("--torch-threads", type=int, help="torch threads for the model (default: all cores but one)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="conversations per batched generate")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a batch waits to fill")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long a batch waits to fill, from its first job or the end of the previous batch")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="replies waiting for the model before 'busy'")
     p.add_argument("--max-text-chars", type=int, default=d.max_text_chars, help="message size limit")
     p.add_argument("--max-connections", type=int, default=d.max_connections, help="open websockets")
