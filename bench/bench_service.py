@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                    help="the batching-on server's (default: the serving default, %(default)s)")
     p.add_argument("--torch-threads", type=int, help="the servers' torch threads (default: the serving default)")
+    p.add_argument("--device", default=defaults.device, help="the servers' torch device (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
     p.add_argument("--num-candidates", type=int, default=defaults.num_candidates)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     phases = set(args.only.split(","))
     decode = ["--num-candidates", str(args.num_candidates), "--max-new-tokens", str(args.max_new_tokens),
-              "--max-wait-ms", str(args.max_wait_ms)]
+              "--max-wait-ms", str(args.max_wait_ms), "--device", args.device]
     if args.torch_threads:
         decode += ["--torch-threads", str(args.torch_threads)]
     out: dict = {**header(), "model": args.model or "shipped default", "load_average_at_start": os.getloadavg(),
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "engine" in phases:  # before any server exists, so nothing else competes for the cores
         out["engine"] = engine_ceiling(args.model, {"num_candidates": args.num_candidates,
                                                     "max_new_tokens": args.max_new_tokens,
-                                                    "torch_threads": args.torch_threads}, args.max_batch_size)
+                                                    "torch_threads": args.torch_threads, "device": args.device},
+                                       args.max_batch_size)
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, RedisProcess(Path(tmp) / "redis") as redis:
         work = Path(tmp)
 

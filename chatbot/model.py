@@ -17,7 +17,7 @@ dominates at this size (SDPA, oneDNN depthwise convolution) for plain matmuls an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +241,6 @@ class DecoderState:
     layers: list[LayerCache]
     rows: RowGroups
     step: int = 0
-    extra: dict[str, Tensor] = field(default_factory=dict)  # per-row tensors a caller keeps in step with the rows
 
     @property
     def batch_size(self) -> int:
@@ -266,7 +265,6 @@ class DecoderState:
                 new = buf.new_empty((rows.shape[0], *buf.shape[1:]))
                 new[:, :, :self.step] = buf[:, :, :self.step].index_select(0, rows)
                 layer.past[name] = new
-        self.extra = {k: t.index_select(0, rows) for k, t in self.extra.items()}
 
 
 # ----------------------------------------------------------------------------------------- encoders
