@@ -465,7 +465,7 @@ class ChatModel(nn.Module):
         self.decoder = nn.ModuleList(decoder_block(cfg) for _ in range(cfg.n_decoder_layers))
         self.decoder_norm = layer_norm(cfg.d_model)
         self._position_table: Tensor | None = None
-        self._output_weight: tuple[tuple, Tensor] | None = None  # see logits()
+        self._output_weight: tuple[tuple, Tensor] | None = None  # see step_logits()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -500,13 +500,17 @@ class ChatModel(nn.Module):
         return table[offset:end]
 
     def logits(self, h: Tensor) -> Tensor:
-        """(..., d) -> (..., V): the shared embedding as softmax weights.  Without autograd, a contiguous
-        (d, V) copy is multiplied instead of the transposed view: several times faster for a few rows
-        on CPU.  The copy is remade whenever the weight changes (its version counter moves)."""
+        return h @ self.embedding.weight.t()  # (..., V), the shared embedding as softmax weights
+
+    def step_logits(self, h: Tensor) -> Tensor:
+        """``logits`` for incremental decoding: without autograd, multiplies a contiguous (d, V) copy of
+        the embedding instead of its transposed view, several times faster for a single row on CPU.  The
+        copy is remade whenever the weight changes (its version counter moves).  Full passes (training,
+        perplexity, FSDP) never use it."""
         weight = self.embedding.weight
-        if torch.is_grad_enabled():
-            return h @ weight.t()
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if torch.is_grad_enabled() or weight.is_inference():  # an inference tensor has no version to watch
+            return self.logits(h)
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._output_weight is None or self._output_weight[0] != key:
             self._output_weight = (key, weight.detach().t().contiguous())
         return h @ self._output_weight[1]
@@ -551,7 +555,7 @@ class ChatModel(nn.Module):
         for block, cache in zip(self.decoder, state.layers):
             x = block(x, None, None, StepInput(cache, state.step, state.rows))
         state.step += tokens.shape[1]
-        return self.logits(self.decoder_norm(x))
+        return self.step_logits(self.decoder_norm(x))
 
 
 def sequence_nll(logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -165,10 +165,19 @@ def test_ragged_rows_share_their_contexts_encoder_states(block_type):
 
 def test_output_weight_copy_follows_weight_changes():
     model = eval_model("evolved")
-    h = torch.randn(2, model.config.d_model)
+    src, tgt = random_batch(model.config.vocab_size)
     with torch.no_grad():
-        before = model.logits(h)
+        before = model.decode_step(tgt[:, :1], model.start_decoding(model.encode(src)))
         model.embedding.weight.mul_(2.0)  # in place, as an optimizer step or load_state_dict would
-        after = model.logits(h)
-    assert torch.allclose(after, 2 * before, atol=1e-5)
-    assert torch.allclose(model.logits(h), h @ model.embedding.weight.t(), atol=1e-5)  # the autograd path agrees
+        after = model.decode_step(tgt[:, :1], model.start_decoding(model.encode(src)))
+        assert not torch.allclose(after, before, atol=1e-3)
+        assert torch.allclose(after, model(src, tgt[:, :1]), atol=1e-4)  # the full pass, no copy involved
+
+
+def test_a_model_built_under_inference_mode_still_decodes():
+    with torch.inference_mode():
+        model = ChatModel(preset("tiny", dropout=0.0, attention_dropout=0.0)).eval()
+        src, tgt = random_batch(model.config.vocab_size)
+        state = model.start_decoding(model.encode(src))
+        step = model.decode_step(tgt[:, :1], state)
+        assert torch.allclose(step, model(src, tgt[:, :1]), atol=1e-5)
