@@ -33,7 +33,9 @@ ranking.  ``sample``/``greedy`` deliver words while decoding, holding back the l
 phrase could still be completing; when a blocked phrase does complete (or the classifier flags the text
 about to be delivered) the reply is cut after the last delivered word, which is then the reply
 (``all_filtered``; ``fallback_text`` if nothing was delivered yet).  The same cut happens without a
-callback, so streaming never changes a reply.
+callback, so streaming never changes a reply.  ``on_reply(i, reply)`` hands over context i's whole
+Reply right after its last piece, without waiting for the rest of the batch (the service sends its
+final frame then).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ MAX_TURN_CHARS = 10_000
 FALLBACK_TEXT = "Let's talk about something else."
 
 PieceCallback = Callable[[int, str], None]
+ReplyCallback = Callable[[int, "Reply"], None]
 
 
 class GenerationError(ValueError):
@@ -135,7 +138,8 @@ class Reply:
     normalized_log_likelihood: float
     candidates: list[ScoredCandidate] | None  # best first by the ranking score; only with return_candidates
     all_filtered: bool  # every candidate was dropped; ``text`` is the fallback (see the module docstring)
-    timings: dict[str, float]  # of the whole call: tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
+    # Of the call until this reply was final: tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
+    timings: dict[str, float]
 
 
 @dataclass
@@ -312,10 +316,13 @@ class ReplyEngine:
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
 
     def reply(self, contexts: list[list[str]], config: DecodingConfig = DecodingConfig(), *,
-              return_candidates: bool = False, on_piece: PieceCallback | None = None) -> list[Reply]:
+              return_candidates: bool = False, on_piece: PieceCallback | None = None,
+              on_reply: ReplyCallback | None = None) -> list[Reply]:
         """One Reply per context, in order.  ``contexts``: per conversation its turn texts, oldest first,
         the last being the user's newest message; the model reads the last 7 turns, cut from the left to
-        its source limit.  ``on_piece(i, piece)``: see the module docstring.  Raises GenerationError."""
+        its source limit.  ``on_piece(i, piece)``: see the module docstring.  ``on_reply(i, reply)``:
+        called as soon as context i's reply is final (after its last piece), while other contexts may
+        still be decoding; the Reply is not changed afterwards.  Raises GenerationError."""
         if not isinstance(config, DecodingConfig):
             raise GenerationError(f"config must be a DecodingConfig, got {type(config).__name__}")
         t_start = time.perf_counter()
@@ -323,11 +330,8 @@ class ReplyEngine:
         if not contexts:
             return []
         with torch.inference_mode():
-            call = _Call(self, contexts, config, return_candidates, on_piece)
+            call = _Call(self, contexts, config, return_candidates, on_piece, on_reply, t_start)
             call.run()
-        call.timings["total_s"] = time.perf_counter() - t_start
-        for reply in call.replies:
-            reply.timings = dict(call.timings)
         return call.replies
 
 
@@ -335,10 +339,12 @@ class _Call:
     """The state of one ``reply`` call: decoding loops, then per-context filtering, ranking and delivery."""
 
     def __init__(self, engine: ReplyEngine, contexts: list[list[str]], config: DecodingConfig,
-                 return_candidates: bool, on_piece: PieceCallback | None):
+                 return_candidates: bool, on_piece: PieceCallback | None, on_reply: ReplyCallback | None,
+                 t_start: float):
         self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
         self.contexts, self.config = contexts, config
-        self.return_candidates, self.on_piece = return_candidates, on_piece
+        self.return_candidates, self.on_piece, self.on_reply = return_candidates, on_piece, on_reply
+        self.t_start = self.t_decode = t_start
         self.replies: list[Reply | None] = [None] * len(contexts)
         self.timings = {"tokenize_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "rank_s": 0.0, "decode_steps": 0.0}
         limit = self.model.config.max_target_len - 1  # training cut responses to this many tokens
@@ -358,7 +364,7 @@ class _Call:
         t1 = time.perf_counter()
         self.enc = self.model.encode(src)
         self.timings["tokenize_s"], self.timings["encode_s"] = t1 - t0, time.perf_counter() - t1
-        t2 = time.perf_counter()
+        self.t_decode = time.perf_counter()
         strategy = self.config.strategy
         if strategy == "beam":
             self._beam_search()
@@ -368,7 +374,6 @@ class _Call:
                              for i, ctx in enumerate(self.contexts)]
             n = self.config.num_candidates if strategy == "sample_and_rank" else 1
             self._sample(n, greedy=strategy == "greedy")
-        self.timings["decode_s"] = time.perf_counter() - t2 - self.timings["rank_s"]
 
     # -- decoding loops
 
@@ -520,11 +525,14 @@ class _Call:
 
     def _finish_context(self, c: int, drafts: list[Draft]) -> None:
         t0 = time.perf_counter()
-        if self.live:
-            self.replies[c] = self._finish_streamed(c, drafts[0])
-        else:
-            self.replies[c] = self._finish_ranked(c, drafts)
-        self.timings["rank_s"] += time.perf_counter() - t0
+        reply = self._finish_streamed(c, drafts[0]) if self.live else self._finish_ranked(c, drafts)
+        now = time.perf_counter()
+        self.timings["rank_s"] += now - t0
+        reply.timings = {**self.timings, "decode_s": now - self.t_decode - self.timings["rank_s"],
+                         "total_s": now - self.t_start}
+        self.replies[c] = reply
+        if self.on_reply is not None:
+            self.on_reply(c, reply)
 
     def _verdicts(self, context: list[str], texts: list[str]) -> list[str | None]:
         safety, repetition = self.engine.safety_filter, self.engine.repetition_filter

@@ -360,3 +360,24 @@ def test_timings(engine):
         assert reply.timings[key] >= 0
     assert reply.timings["total_s"] >= reply.timings["encode_s"] + reply.timings["decode_s"]
     assert reply.timings["decode_steps"] >= 1
+
+
+@pytest.mark.parametrize("strategy", ["sample_and_rank", "sample", "beam"])
+def test_each_reply_is_handed_over_once_after_its_pieces_and_before_the_call_returns(engine, strategy):
+    events: list[tuple[str, int]] = []
+    handed: dict[int, object] = {}
+
+    def on_reply(i, reply):
+        assert i not in handed, "a reply was handed over twice"
+        handed[i] = reply
+        events.append(("reply", i))
+
+    config = DecodingConfig(strategy=strategy, seed=3, num_candidates=4, beam_size=2, max_new_tokens=12)
+    replies = engine.reply(CONTEXTS[:3], config, on_piece=lambda i, p: events.append(("piece", i)),
+                           on_reply=on_reply)
+    assert sorted(handed) == [0, 1, 2] and all(handed[i] is replies[i] for i in range(3))
+    for i in range(3):  # no piece of a context after its reply
+        assert ("piece", i) not in events[events.index(("reply", i)):]
+    finished_order = [i for kind, i in events if kind == "reply"]
+    totals = [replies[i].timings["total_s"] for i in finished_order]
+    assert totals == sorted(totals)  # each reply's timings stop when it was final

@@ -23,7 +23,7 @@ class ScriptedEngine:
         self.threads: set[int] = set()
         self.fail_on = fail_on
 
-    def reply(self, contexts, config, *, return_candidates=False, on_piece=None):
+    def reply(self, contexts, config, *, return_candidates=False, on_piece=None, on_reply=None):
         self.batches.append([c[-1] for c in contexts])
         self.threads.add(threading.get_ident())
         if self.fail_on is not None and any(c[-1] == self.fail_on for c in contexts):
@@ -89,6 +89,41 @@ def test_sessions_answered_by_one_batch_make_the_next_batch_together() -> None:
     sizes = [len(batch) for batch in engine.batches]
     # [4, 8, 8, 8, 8, 4]: merged from the second batch on (taking turns would give [4, 4, 4, ...])
     assert sum(sizes) == 40 and set(sizes[1:-1]) == {8}, sizes
+
+
+class EarlyEngine(ScriptedEngine):
+    """Hands over the first context's reply, then takes a while over the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def reply(self, contexts, config, *, on_reply=None, **kw):
+        replies = super().reply(contexts, config, **kw)
+        on_reply(0, replies[0])
+        self.release.wait(5)
+        for i in range(1, len(replies)):
+            on_reply(i, replies[i])
+        return replies
+
+
+def test_a_reply_handed_over_early_finishes_its_job_before_the_batch_ends() -> None:
+    engine = EarlyEngine()
+
+    async def scenario() -> None:
+        b = batcher(engine)
+        first, second = b.submit(["short"]), b.submit(["long"])
+        b.start()
+        assert (await asyncio.wait_for(first.result(), 5)).text == "echo short"
+        waiting = asyncio.ensure_future(second.result())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the batch is still running
+        engine.release.set()
+        assert (await asyncio.wait_for(waiting, 5)).text == "echo long"
+        await b.close()
+        assert len(engine.batches) == 1
+
+    run(scenario())
 
 
 def test_pieces_stream_in_order_and_add_up_to_the_reply() -> None:

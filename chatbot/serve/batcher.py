@@ -10,7 +10,9 @@ size (measured: 32 sessions settled into alternating batches of 16).  The queue 
 fails at once with ``Busy`` instead of adding unbounded latency for everyone.
 
 Streaming: the engine reports text pieces from the worker thread; they are marshalled onto the loop
-with ``call_soon_threadsafe``, which keeps them in order and ahead of the job's final result.
+with ``call_soon_threadsafe``, which keeps them in order and ahead of the job's final result.  A job
+finishes as soon as the engine hands over its reply, not when the whole batch is done: a short reply's
+final frame does not wait for the batch's longest one.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Engine(Protocol):
     """What the batcher needs of ``chatbot.generate.ReplyEngine`` (tests may pass a stand-in)."""
 
     def reply(self, contexts: list[list[str]], config: DecodingConfig, *, return_candidates: bool = False,
-              on_piece: Callable[[int, str], None] | None = None) -> list[Reply]: ...
+              on_piece: Callable[[int, str], None] | None = None,
+              on_reply: Callable[[int, Reply], None] | None = None) -> list[Reply]: ...
 
 
 _DONE = object()
@@ -155,18 +158,27 @@ class Batcher:
 
     def _generate(self, loop: asyncio.AbstractEventLoop, batch: list[ReplyJob]) -> None:
         """Runs in the worker thread."""
+        finished: set[int] = set()
+
         def on_piece(i: int, text: str) -> None:
             loop.call_soon_threadsafe(batch[i]._piece, text)
 
+        def on_reply(i: int, reply: Reply) -> None:
+            finished.add(i)
+            loop.call_soon_threadsafe(batch[i]._finish, reply, None)
+
         try:
-            replies = self.engine.reply([job.context for job in batch], self.decoding, on_piece=on_piece)
-        except Exception as e:  # every job of the batch hears about it; the batcher goes on
+            replies = self.engine.reply([job.context for job in batch], self.decoding, on_piece=on_piece,
+                                        on_reply=on_reply)
+        except Exception as e:  # every job still waiting hears about it; the batcher goes on
             log.exception("batched generate of %d replies failed", len(batch))
-            for job in batch:
-                loop.call_soon_threadsafe(job._finish, None, e)
+            for i, job in enumerate(batch):
+                if i not in finished:
+                    loop.call_soon_threadsafe(job._finish, None, e)
             return
-        for job, reply in zip(batch, replies, strict=True):
-            loop.call_soon_threadsafe(job._finish, reply, None)
+        for i, (job, reply) in enumerate(zip(batch, replies, strict=True)):
+            if i not in finished:  # an engine that does not hand replies over early
+                loop.call_soon_threadsafe(job._finish, reply, None)
 
     async def close(self) -> None:
         """Stop taking work, let a running batch finish, fail whatever is still queued."""
