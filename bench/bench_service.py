@@ -198,7 +198,8 @@ async def run_phase(name: str, server: ServerProcess, redis_url: str, sessions: 
     return result
 
 
-def engine_ceiling(model: str | None, decode: dict, max_batch: int, single_calls: int = 16, batch_calls: int = 2) -> dict:
+def engine_ceiling(model: str | None, decode: dict, max_batch: int, single_calls: int = len(LINES),
+                   batch_calls: int = 2) -> dict:
     """Per-reply seconds of the server's own engine at batch 1 and at ``max_batch`` contexts per call."""
     import torch
 
@@ -209,7 +210,8 @@ def engine_ceiling(model: str | None, decode: dict, max_batch: int, single_calls
     decoding = decoding_config(config)
     contexts = [[LINES[i % len(LINES)]] for i in range(max(single_calls, max_batch * batch_calls))]
     with torch.inference_mode():
-        engine.reply(contexts[:max_batch], decoding)  # warm-up at the large shape
+        engine.reply(contexts[:1], decoding)  # warm-up at both shapes
+        engine.reply(contexts[:max_batch], decoding)
         t0 = time.perf_counter()
         for i in range(single_calls):
             engine.reply(contexts[i:i + 1], decoding)

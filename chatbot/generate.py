@@ -411,6 +411,7 @@ class _Call:
         remaining = [n] * C
         tokens = torch.full((C * n, 1), BOS_ID, dtype=torch.long, device=device)
         for step in range(self.max_new_tokens):
+            self.timings["decode_steps"] = float(step + 1)  # before any reply of this step snapshots it
             # The model's own distribution (temperature 1): what ranking scores.
             logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (R, V)
             contexts_of, counts = torch.unique_consecutive(rows // n, return_counts=True)
@@ -433,7 +434,6 @@ class _Call:
                 remaining[c] -= 1
                 if remaining[c] == 0:
                     done_contexts.append(c)
-            self.timings["decode_steps"] = float(step + 1)
             for c in done_contexts:
                 self._finish_context(c, drafts[c * n:(c + 1) * n])
             if not keep:
@@ -463,6 +463,7 @@ class _Call:
         scores[:, 0] = 0.0
         tokens = torch.full((C * B, 1), BOS_ID, dtype=torch.long, device=device)
         for step in range(self.max_new_tokens):
+            self.timings["decode_steps"] = float(step + 1)  # before any reply of this step snapshots it
             logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (L*B, V)
             allowed = logprobs.clone()
             allowed[:, self.engine.banned_ids] = float("-inf")
@@ -500,7 +501,6 @@ class _Call:
                     rows.append(i * B + b)
                     next_tokens.append(t)
                     next_scores.append(s)
-            self.timings["decode_steps"] = float(step + 1)
             if not next_live:
                 break
             state.select(torch.tensor(rows, device=device))  # follow the beams; finished contexts leave

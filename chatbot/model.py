@@ -130,7 +130,7 @@ class Attention(nn.Module):
         """One query per row, (B, 1, d), against (B, H, S, d/H): two batched matmuls beat SDPA's setup."""
         q = self.split(self.q(x))  # (B, H, 1, d/H)
         weights = (torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
-        h = torch.matmul(weights, v)  # (B, H, 1, d/H)
+        h = torch.matmul(F.dropout(weights, self.dropout, self.training), v)  # (B, H, 1, d/H)
         return self.out(h.transpose(1, 2).reshape(x.shape))
 
     def attend_grouped(self, x: Tensor, k: Tensor, v: Tensor, rows: RowGroups) -> Tensor:
@@ -141,7 +141,7 @@ class Attention(nn.Module):
         C, n = q.shape[:2]
         q = q.view(C, n * t, self.heads, -1).transpose(1, 2)  # (C, H, n*t, dh)
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (C, H, n*t, S)
-        weights = scores.masked_fill(~rows.mask, float("-inf")).softmax(-1)
+        weights = F.dropout(scores.masked_fill(~rows.mask, float("-inf")).softmax(-1), self.dropout, self.training)
         h = torch.matmul(weights, v).transpose(1, 2).reshape(C, n, t, d)
         return self.out(rows.from_grid(h))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -366,18 +367,30 @@ def test_timings(engine):
 def test_each_reply_is_handed_over_once_after_its_pieces_and_before_the_call_returns(engine, strategy):
     events: list[tuple[str, int]] = []
     handed: dict[int, object] = {}
+    elapsed: dict[int, float] = {}
 
     def on_reply(i, reply):
         assert i not in handed, "a reply was handed over twice"
-        handed[i] = reply
+        handed[i], elapsed[i] = reply, time.perf_counter() - t0
         events.append(("reply", i))
 
     config = DecodingConfig(strategy=strategy, seed=3, num_candidates=4, beam_size=2, max_new_tokens=12)
+    t0 = time.perf_counter()
     replies = engine.reply(CONTEXTS[:3], config, on_piece=lambda i, p: events.append(("piece", i)),
                            on_reply=on_reply)
     assert sorted(handed) == [0, 1, 2] and all(handed[i] is replies[i] for i in range(3))
-    for i in range(3):  # no piece of a context after its reply
-        assert ("piece", i) not in events[events.index(("reply", i)):]
-    finished_order = [i for kind, i in events if kind == "reply"]
-    totals = [replies[i].timings["total_s"] for i in finished_order]
-    assert totals == sorted(totals)  # each reply's timings stop when it was final
+    for i, reply in enumerate(replies):
+        assert ("piece", i) not in events[events.index(("reply", i)):]  # no piece after the reply
+        # Its timings stop when it was final (not at the end of the call) and count the steps it took.
+        assert reply.timings["total_s"] <= elapsed[i]
+        if not reply.all_filtered:
+            assert len(reply.token_ids) <= reply.timings["decode_steps"]
+
+
+@pytest.mark.parametrize("strategy", ["sample_and_rank", "greedy", "beam"])
+def test_decode_steps_count_the_steps_a_reply_took(engine, strategy):
+    config = DecodingConfig(strategy=strategy, seed=5, num_candidates=3, beam_size=2, min_new_tokens=6,
+                            max_new_tokens=6)
+    for reply in engine.reply(CONTEXTS[:2], config, return_candidates=True):
+        assert reply.timings["decode_steps"] == 6
+        assert all(len(c.token_ids) == 6 for c in reply.candidates)

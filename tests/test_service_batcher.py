@@ -63,7 +63,7 @@ def test_jobs_from_many_sessions_form_bounded_batches_off_the_loop() -> None:
 
 class SlowEngine(ScriptedEngine):
     def reply(self, contexts, config, **kw):
-        time.sleep(0.1)  # a batch takes a while, as a real one does
+        time.sleep(0.2)  # a batch takes a while, as a real one does
         return super().reply(contexts, config, **kw)
 
 
@@ -79,10 +79,10 @@ def test_sessions_answered_by_one_batch_make_the_next_batch_together() -> None:
             await asyncio.sleep(0.005)  # the reply's trip to the client and the next message's trip back
 
     async def scenario() -> None:
-        b = batcher(engine, max_batch_size=8, max_wait_ms=30.0)
+        b = batcher(engine, max_batch_size=8, max_wait_ms=50.0)
         b.start()
         # s0..s3 start together; s4..s7 arrive while the first batch is decoding.
-        await asyncio.gather(*(session(b, f"s{i}", 0.0 if i < 4 else 0.06) for i in range(8)))
+        await asyncio.gather(*(session(b, f"s{i}", 0.0 if i < 4 else 0.12) for i in range(8)))
         await b.close()
 
     run(scenario())
@@ -122,6 +122,27 @@ def test_a_reply_handed_over_early_finishes_its_job_before_the_batch_ends() -> N
         assert (await asyncio.wait_for(waiting, 5)).text == "echo long"
         await b.close()
         assert len(engine.batches) == 1
+
+    run(scenario())
+
+
+class FailsAfterFirstReply(ScriptedEngine):
+    def reply(self, contexts, config, *, on_reply=None, **kw):
+        replies = super().reply(contexts, config, **kw)
+        on_reply(0, replies[0])
+        raise RuntimeError("model exploded after the first reply")
+
+
+def test_an_error_after_an_early_reply_fails_only_the_jobs_still_waiting() -> None:
+    async def scenario() -> None:
+        b = batcher(FailsAfterFirstReply())
+        first, second = b.submit(["a"]), b.submit(["b"])
+        b.start()
+        assert (await first.result()).text == "echo a"  # finished once, with its reply
+        with pytest.raises(RuntimeError, match="exploded"):
+            await second.result()
+        assert first._events.empty()  # no second end marker was queued for the finished job
+        await b.close()
 
     run(scenario())
 
