@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from bench.bench_decoding_quality import held_out_contexts
-from bench.common import header, write_json
+from bench.common import header, median_timed, paired, write_json
 from chatbot.generate import DecodingConfig, ReplyEngine, contexts_to_tensor
 from chatbot.model import ChatModel
 from chatbot.modeldir import load_model
@@ -38,33 +35,6 @@ from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID
 P1_NEW_TOKENS = 64
 P2_CANDIDATES, P2_TEMPERATURE, P2_NEW_TOKENS = 20, 0.88, 32
 BATCH_SIZES = (1, 8, 32)
-
-
-def timed(fn: Callable[..., object], *args: object) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call.  On a shared machine the CPU time is
-    the steadier measure of the work done: waiting for a core does not count."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def median_timed(repeats: int, fn: Callable[..., object], *args: object) -> tuple[float, float]:
-    fn(*args)  # warm-up: first-call allocations and kernel selection are not what we measure
-    runs = [timed(fn, *args) for _ in range(repeats)]
-    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
-
-
-def paired(repeats: int, a: tuple, b: tuple) -> dict[str, float]:
-    """Median wall and CPU times of ``a`` and ``b`` (each a (fn, *args) tuple) and the medians of their
-    per-pair ratios a / b.  The two alternate, so a change in load hits both alike."""
-    for fn, *args in (a, b):
-        fn(*args)  # warm-up
-    pairs = [(timed(*a), timed(*b)) for _ in range(repeats)]
-    med = statistics.median
-    return {"a_s": med(x[0] for x, _ in pairs), "b_s": med(y[0] for _, y in pairs),
-            "ratio": med(x[0] / y[0] for x, y in pairs),
-            "a_cpu_s": med(x[1] for x, _ in pairs), "b_cpu_s": med(y[1] for _, y in pairs),
-            "cpu_ratio": med(x[1] / y[1] for x, y in pairs)}
 
 
 # ----------------------------------------------------------------------------------------- P1

@@ -99,7 +99,8 @@ class ServerProcess:
     def start(self, timeout_s: float = 180.0) -> float:
         """Spawn and wait for /readyz; returns the seconds that took."""
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log_file:  # append: a restart keeps the earlier start's log
+            self.proc = subprocess.Popen(self.cmd, stdout=log_file, stderr=subprocess.STDOUT)
         while time.perf_counter() - t0 < timeout_s:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")

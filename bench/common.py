@@ -6,7 +6,10 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,3 +39,30 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def timed(fn: Callable[..., object], *args: object) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call.  On a shared machine the CPU time is
+    the steadier measure of the work done: waiting for a core does not count."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def median_timed(repeats: int, fn: Callable[..., object], *args: object) -> tuple[float, float]:
+    fn(*args)  # warm-up: first-call allocations and kernel selection are not what we measure
+    runs = [timed(fn, *args) for _ in range(repeats)]
+    return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+
+
+def paired(repeats: int, a: tuple, b: tuple) -> dict[str, float]:
+    """Median wall and CPU times of ``a`` and ``b`` (each a (fn, *args) tuple) and the medians of their
+    per-pair ratios a / b.  The two alternate, so a change in load hits both alike."""
+    for fn, *args in (a, b):
+        fn(*args)  # warm-up
+    pairs = [(timed(*a), timed(*b)) for _ in range(repeats)]
+    med = statistics.median
+    return {"a_s": med(x[0] for x, _ in pairs), "b_s": med(y[0] for _, y in pairs),
+            "ratio": med(x[0] / y[0] for x, y in pairs),
+            "a_cpu_s": med(x[1] for x, _ in pairs), "b_cpu_s": med(y[1] for _, y in pairs),
+            "cpu_ratio": med(x[1] / y[1] for x, y in pairs)}

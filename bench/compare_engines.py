@@ -2,7 +2,7 @@
 
 For performance work: check out the baseline (``git worktree add /tmp/base COMMIT``) and compare. Both
 engines load the shipped model of their own checkout and decode the same held-out contexts with the
-same seed; the ratio is this checkout's median time over the baseline's.
+same seed; the ratio is the median of this checkout's time over the baseline's, run by run.
 
     python -m bench.compare_engines /tmp/base [--repeats 3] [--threads 2] [--out FILE.json]
 """
@@ -10,14 +10,12 @@ same seed; the ratio is this checkout's median time over the baseline's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench.common import header, write_json
+from bench.common import header, paired, write_json
 
 # (label, contexts per call, candidates, max new tokens, min new tokens)
 CASES = [
@@ -59,21 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with torch.inference_mode():
         for label, n_contexts, candidates, max_new, min_new in CASES:
-            calls = {}
-            for name, (engine, config_cls) in engines.items():
+            calls = []  # (reply method, contexts, that checkout's DecodingConfig): this checkout first
+            for engine, config_cls in (engines["this"], engines["baseline"]):
                 config = config_cls(num_candidates=candidates, max_new_tokens=max_new, min_new_tokens=min_new, seed=0)
-                calls[name] = (engine, config)
-                engine.reply(contexts[:n_contexts], config)  # warm-up
-            times: dict[str, list[float]] = {name: [] for name in engines}
-            for _ in range(args.repeats):
-                for name, (engine, config) in calls.items():
-                    t0 = time.perf_counter()
-                    engine.reply(contexts[:n_contexts], config)
-                    times[name].append(time.perf_counter() - t0)
-            base, this = statistics.median(times["baseline"]), statistics.median(times["this"])
-            rows.append({"case": label, "baseline_s": round(base, 3), "this_s": round(this, 3),
-                         "ratio": round(this / base, 2)})
-    print(f"baseline {args.baseline}, {args.threads} torch threads, medians of {args.repeats} alternating runs\n")
+                calls.append((engine.reply, contexts[:n_contexts], config))
+            t = paired(args.repeats, *calls)
+            rows.append({"case": label, "baseline_s": round(t["b_s"], 3), "this_s": round(t["a_s"], 3),
+                         "ratio": round(t["ratio"], 2)})
+    print(f"baseline {args.baseline}, {args.threads} torch threads, medians of {args.repeats} alternating runs "
+          "after a warm-up; the ratio is the median of the per-run ratios\n")
     print("| case | baseline s | this checkout s | this / baseline |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['baseline_s']:.3f} | {r['this_s']:.3f} | {r['ratio']:.2f} |")

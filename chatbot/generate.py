@@ -346,7 +346,8 @@ class _Call:
         self.return_candidates, self.on_piece, self.on_reply = return_candidates, on_piece, on_reply
         self.t_start = self.t_decode = t_start
         self.replies: list[Reply | None] = [None] * len(contexts)
-        self.timings = {"tokenize_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "rank_s": 0.0, "decode_steps": 0.0}
+        # Running totals; each reply gets a copy with decode_s and total_s as of its finish.
+        self.timings = {"tokenize_s": 0.0, "encode_s": 0.0, "rank_s": 0.0, "decode_steps": 0.0}
         limit = self.model.config.max_target_len - 1  # training cut responses to this many tokens
         self.max_new_tokens = min(config.max_new_tokens, limit)
         self.min_new_tokens = min(config.min_new_tokens, self.max_new_tokens)

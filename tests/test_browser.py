@@ -24,15 +24,18 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     data = tmp_path_factory.mktemp("serve-data")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatbot.cli", "serve", "--port", str(port), "--model", str(tiny_model_dir),
-         "--data-dir", str(data), "--num-candidates", "2", "--max-new-tokens", "8", "--shutdown-grace", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "REDIS_URL": ""})
+    # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would block it.
+    log_path = data / "serve.log"
+    with log_path.open("wb") as log_file:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatbot.cli", "serve", "--port", str(port), "--model", str(tiny_model_dir),
+             "--data-dir", str(data), "--num-candidates", "2", "--max-new-tokens", "8", "--shutdown-grace", "5"],
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "REDIS_URL": ""})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):  # bounded: at most ~60 s for imports, model load and embedded Redis
             if proc.poll() is not None:
-                pytest.fail(f"chatbot serve exited early:\n{proc.stdout.read().decode()}")
+                pytest.fail(f"chatbot serve exited early:\n{log_path.read_text()}")
             try:
                 with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:
                     if resp.status == 200:
@@ -50,7 +53,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             proc.kill()
             raise
     # A graceful stop: exit status 0 and the embedded Redis wrote its data.
-    assert code == 0, proc.stdout.read().decode()
+    assert code == 0, log_path.read_text()
     assert any((data / "redis").iterdir())
 
 

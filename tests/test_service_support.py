@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from chatbot.generate import ReplyEngine
-from chatbot.serve.app import create_app, stop_gracefully
+from chatbot.serve.app import start_runner, stop_gracefully
 from chatbot.serve.config import ServeConfig
 from chatbot.serve.redis_backend import RedisProcess
 from chatbot.serve.state import METRICS
@@ -75,10 +75,7 @@ class Served:
 
     @classmethod
     async def start(cls, config: ServeConfig, engine: Any) -> Served:
-        runner = web.AppRunner(await create_app(config, engine=engine), shutdown_timeout=5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return cls(runner)
+        return cls(await start_runner(config, engine=engine, port=0))  # the service's own start-up path
 
     async def stop(self) -> None:
         await stop_gracefully(self.runner)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,89 +24,87 @@ def test_session_ids_are_unguessable_and_well_formed() -> None:
     assert len(next(iter(ids))) * 4 >= 128  # hex digits carry 4 bits each
 
 
-def _store(server: RedisProcess, ttl_s: int = 3600) -> tuple[aioredis.Redis, SessionStore]:
-    client = aioredis.Redis.from_url(server.url, decode_responses=True)
-    return client, SessionStore(client, ttl_s)
+@asynccontextmanager
+async def store_on(server: RedisProcess, ttl_s: int = 3600) -> AsyncIterator[tuple[aioredis.Redis, SessionStore]]:
+    """The service's own client (``open_redis``) and a store on it; the client closes even if a test fails."""
+    async with open_redis(server.url, Path()) as client:  # data_dir is only for the embedded server
+        yield client, SessionStore(client, ttl_s)
 
 
 def test_append_is_idempotent_and_atomic_under_concurrency(redis_server: RedisProcess) -> None:
     async def scenario() -> None:
-        client, store = _store(redis_server)
-        sid = await store.create()
-        # Ten racing appends of one message id (retries, or two workers) store it once.
-        results = await asyncio.gather(*(store.append_user(sid, "m1", "hello") for _ in range(10)))
-        assert sum(r.created for r in results) == 1
-        assert {r.index for r in results} == {0}
-        first, created = await store.append_reply(sid, Turn("bot", "hi there", "m1", 1.0, reply_id="r1"))
-        assert created
-        # A second reply to the same message (another worker finished later) is refused: the first stays.
-        second, created = await store.append_reply(sid, Turn("bot", "other text", "m1", 2.0, reply_id="r2"))
-        assert not created and second == first
-        # A retry after the reply was stored gets that reply back instead of a new generation.
-        retry = await store.append_user(sid, "m1", "hello")
-        assert not retry.created and retry.reply == first
-        history = await store.history(sid)
-        assert [(t.role, t.text) for t in history] == [("user", "hello"), ("bot", "hi there")]
-        await client.aclose()
+        async with store_on(redis_server) as (client, store):
+            sid = await store.create()
+            # Ten racing appends of one message id (retries, or two workers) store it once.
+            results = await asyncio.gather(*(store.append_user(sid, "m1", "hello") for _ in range(10)))
+            assert sum(r.created for r in results) == 1
+            assert {r.index for r in results} == {0}
+            first, created = await store.append_reply(sid, Turn("bot", "hi there", "m1", 1.0, reply_id="r1"))
+            assert created
+            # A second reply to the same message (another worker finished later) is refused: the first stays.
+            second, created = await store.append_reply(sid, Turn("bot", "other text", "m1", 2.0, reply_id="r2"))
+            assert not created and second == first
+            # A retry after the reply was stored gets that reply back instead of a new generation.
+            retry = await store.append_user(sid, "m1", "hello")
+            assert not retry.created and retry.reply == first
+            history = await store.history(sid)
+            assert [(t.role, t.text) for t in history] == [("user", "hello"), ("bot", "hi there")]
 
     run(scenario())
 
 
 def test_context_is_the_last_seven_turns(redis_server: RedisProcess) -> None:
     async def scenario() -> None:
-        client, store = _store(redis_server)
-        sid = await store.create()
-        for i in range(6):
-            await store.append_user(sid, f"m{i}", f"user {i}")
-            await store.append_reply(sid, Turn("bot", f"bot {i}", f"m{i}", 0.0))
-        appended = await store.append_user(sid, "m6", "user 6")
-        assert len(appended.context) == MAX_CONTEXT_TURNS
-        assert appended.context == ["user 3", "bot 3", "user 4", "bot 4", "user 5", "bot 5", "user 6"]
-        assert len(await store.history(sid)) == 13
-        await client.aclose()
+        async with store_on(redis_server) as (client, store):
+            sid = await store.create()
+            for i in range(6):
+                await store.append_user(sid, f"m{i}", f"user {i}")
+                await store.append_reply(sid, Turn("bot", f"bot {i}", f"m{i}", 0.0))
+            appended = await store.append_user(sid, "m6", "user 6")
+            assert len(appended.context) == MAX_CONTEXT_TURNS
+            assert appended.context == ["user 3", "bot 3", "user 4", "bot 4", "user 5", "bot 5", "user 6"]
+            assert len(await store.history(sid)) == 13
 
     run(scenario())
 
 
 def test_ttl_is_set_and_refreshed_and_unknown_sessions_are_refused(redis_server: RedisProcess) -> None:
     async def scenario() -> None:
-        client, store = _store(redis_server, ttl_s=120)
-        sid = await store.create()
-        await store.append_user(sid, "m1", "hello")
-        keys = SessionStore._keys(sid)
-        for key in keys:
-            assert 0 < await client.ttl(key) <= 120
-        for key in keys:
-            await client.expire(key, 5)
-        assert await store.resume(sid) != []
-        assert all([await client.ttl(key) > 100 for key in keys])
-        # Expired (here: deleted) sessions are unknown; so are ids that were never issued.
-        await client.delete(*keys)
-        with pytest.raises(UnknownSession):
-            await store.resume(sid)
-        with pytest.raises(UnknownSession):
-            await store.append_user(sid, "m2", "anyone there?")
-        with pytest.raises(UnknownSession):
-            await store.resume(new_session_id())
-        await client.aclose()
+        async with store_on(redis_server, ttl_s=120) as (client, store):
+            sid = await store.create()
+            await store.append_user(sid, "m1", "hello")
+            keys = SessionStore._keys(sid)
+            for key in keys:
+                assert 0 < await client.ttl(key) <= 120
+            for key in keys:
+                await client.expire(key, 5)
+            assert await store.resume(sid) != []
+            assert all([await client.ttl(key) > 100 for key in keys])
+            # Expired (here: deleted) sessions are unknown; so are ids that were never issued.
+            await client.delete(*keys)
+            with pytest.raises(UnknownSession):
+                await store.resume(sid)
+            with pytest.raises(UnknownSession):
+                await store.append_user(sid, "m2", "anyone there?")
+            with pytest.raises(UnknownSession):
+                await store.resume(new_session_id())
 
     run(scenario())
 
 
 def test_outage_raises_store_unavailable_and_recovers(redis_server: RedisProcess) -> None:
     async def scenario() -> None:
-        client, store = _store(redis_server)
-        sid = await store.create()
-        await store.append_user(sid, "m1", "before")
-        await asyncio.to_thread(redis_server.stop)
-        assert not await store.ping()
-        with pytest.raises(StoreUnavailable):
-            await store.append_user(sid, "m2", "during")
-        await asyncio.to_thread(redis_server.start)
-        # Same client object: the pool reconnects, the Lua scripts reload after the restart.
-        appended = await store.append_user(sid, "m2", "during")
-        assert appended.created and appended.context == ["before", "during"]
-        await client.aclose()
+        async with store_on(redis_server) as (client, store):
+            sid = await store.create()
+            await store.append_user(sid, "m1", "before")
+            await asyncio.to_thread(redis_server.stop)
+            assert not await store.ping()
+            with pytest.raises(StoreUnavailable):
+                await store.append_user(sid, "m2", "during")
+            await asyncio.to_thread(redis_server.start)
+            # Same client object: the pool reconnects, the Lua scripts reload after the restart.
+            appended = await store.append_user(sid, "m2", "during")
+            assert appended.created and appended.context == ["before", "during"]
 
     run(scenario())
 

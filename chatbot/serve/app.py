@@ -54,9 +54,8 @@ def load_engine(config: ServeConfig) -> Engine:
     loaded = load_model(config.model_dir, config.device)
     engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device)
     engine.reply([["hello"]], DecodingConfig(num_candidates=2, max_new_tokens=2))
-    params = sum(p.numel() for p in loaded.model.parameters())
-    log.info("model %s loaded (%.1fM parameters, %d torch threads)", loaded.directory, params / 1e6,
-             torch.get_num_threads())
+    log.info("model %s loaded (%.1fM parameters, %d torch threads)", loaded.directory,
+             loaded.model.num_parameters() / 1e6, torch.get_num_threads())
     return engine
 
 
@@ -180,3 +179,23 @@ async def create_app(config: ServeConfig | None = None, *, engine: Engine | None
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def start_runner(config: ServeConfig, *, engine: Engine | None = None, port: int | None = None) -> web.AppRunner:
+    """Start the service listening on ``config.host`` and ``port`` (default ``config.port``; 0 picks a
+    free one); ``runner.addresses`` says where.  Stop it with ``stop_gracefully(runner)``.  A startup
+    that fails (a bad model, a port in use) releases what it had acquired before raising."""
+    # aiohttp waits shutdown_timeout for handlers after its on_shutdown; our grace is spent before that.
+    runner = web.AppRunner(await create_app(config, engine=engine), access_log=None, shutdown_timeout=5.0)
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = config.port if port is None else port
+    try:
+        await web.TCPSite(runner, config.host, port).start()
+    except OSError as e:  # typically the port is taken
+        await stop_gracefully(runner)
+        raise RuntimeError(f"cannot listen on {config.host}:{port}: {e.strerror}; pick another --port") from e
+    return runner

@@ -60,12 +60,17 @@ class ReplyJob:
         self._result: Reply | None = None
         self._error: BaseException | None = None
         self._drained = False  # the end marker was consumed
+        self.done = False  # a result or an error was set; later ones are ignored
 
     # Called on the loop (via call_soon_threadsafe from the worker thread).
     def _piece(self, text: str) -> None:
         self._events.put_nowait(text)
 
     def _finish(self, result: Reply | None = None, error: BaseException | None = None) -> None:
+        """The first call settles the job (an early reply, then the batch's error, keeps the reply)."""
+        if self.done:
+            return
+        self.done = True
         self._result, self._error = result, error
         self._events.put_nowait(_DONE)
 
@@ -158,13 +163,10 @@ class Batcher:
 
     def _generate(self, loop: asyncio.AbstractEventLoop, batch: list[ReplyJob]) -> None:
         """Runs in the worker thread."""
-        finished: set[int] = set()
-
         def on_piece(i: int, text: str) -> None:
             loop.call_soon_threadsafe(batch[i]._piece, text)
 
         def on_reply(i: int, reply: Reply) -> None:
-            finished.add(i)
             loop.call_soon_threadsafe(batch[i]._finish, reply, None)
 
         try:
@@ -172,13 +174,11 @@ class Batcher:
                                         on_reply=on_reply)
         except Exception as e:  # every job still waiting hears about it; the batcher goes on
             log.exception("batched generate of %d replies failed", len(batch))
-            for i, job in enumerate(batch):
-                if i not in finished:
-                    loop.call_soon_threadsafe(job._finish, None, e)
+            for job in batch:
+                loop.call_soon_threadsafe(job._finish, None, e)  # no-op for jobs already answered
             return
-        for i, (job, reply) in enumerate(zip(batch, replies, strict=True)):
-            if i not in finished:  # an engine that does not hand replies over early
-                loop.call_soon_threadsafe(job._finish, reply, None)
+        for job, reply in zip(batch, replies, strict=True):  # no-op for jobs answered through on_reply
+            loop.call_soon_threadsafe(job._finish, reply, None)
 
     async def close(self) -> None:
         """Stop taking work, let a running batch finish, fail whatever is still queued."""

@@ -59,26 +59,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 async def serve(config: ServeConfig) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
-    from aiohttp import web
-
-    from chatbot.serve.app import create_app, stop_gracefully
+    from chatbot.serve.app import start_runner, stop_gracefully
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    # aiohttp waits shutdown_timeout for handlers after its on_shutdown; our grace is spent before that.
-    runner = web.AppRunner(await create_app(config), access_log=None, shutdown_timeout=5.0)
+    runner = await start_runner(config)
     try:
-        await runner.setup()
-    except BaseException:
-        await runner.cleanup()  # releases whatever startup had acquired before it failed
-        raise
-    try:
-        try:
-            await web.TCPSite(runner, config.host, config.port).start()
-        except OSError as e:  # typically the port is taken
-            raise RuntimeError(f"cannot listen on {config.host}:{config.port}: {e.strerror}; pick another --port") from e
         url = f"http://{config.host}:{config.port}"
         log.info("serving: open %s/ in a browser, or run `chatbot client %s` (Ctrl-C stops)", url, url)
         await stop.wait()
