@@ -15,7 +15,11 @@ Each timing is the median of --repeats runs after one warm-up run; the two sides
 alternate run by run and their ratio is the median of the per-pair ratios.  Wall time and this
 process's CPU time are both kept: on a shared machine the CPU time is the steadier of the two.
 
-Usage:  python -m bench.bench_decoding [--model DIR] [--out FILE.json] [--threads 2]
+--profile  instead: torch.profiler over a one-row greedy decode (P1's) and one 20-row sample-and-rank
+    reply (P2's, 32 tokens forced): where a step's time goes, and how much of it is matmuls against
+    weights (aten::mm / addmm; attention uses bmm) and the output projection alone.
+
+Usage:  python -m bench.bench_decoding [--model DIR] [--out FILE.json] [--threads 2] [--profile]
 """
 
 from __future__ import annotations
@@ -143,6 +147,43 @@ def bench_batches(loaded, contexts: list[list[str]], repeats: int) -> dict:
     return rows
 
 
+# ----------------------------------------------------------------------------------------- profile
+
+
+def profile_steps(loaded, context: list[str]) -> dict:
+    """Self CPU time per decoding step under torch.profiler, and the shares of weight matmuls."""
+    from torch.profiler import profile
+
+    model, d, vocab = loaded.model, loaded.model.config.d_model, loaded.model.config.vocab_size
+    src = contexts_to_tensor(loaded.tokenizer, [context], model.config.max_source_len)
+    engine = ReplyEngine(model, loaded.tokenizer)
+    forced = DecodingConfig(num_candidates=P2_CANDIDATES, temperature=P2_TEMPERATURE, max_new_tokens=P2_NEW_TOKENS,
+                            min_new_tokens=P2_NEW_TOKENS, seed=0)
+    cases = {"one row: greedy, P1": (lambda: greedy_tokens(model, src, P1_NEW_TOKENS, True), P1_NEW_TOKENS),
+             f"{P2_CANDIDATES} rows: sample-and-rank, P2 forced": (lambda: engine.reply([context], forced),
+                                                                    P2_NEW_TOKENS)}
+    out = {}
+    with torch.inference_mode():
+        for name, (fn, steps) in cases.items():
+            fn()  # warm-up
+            with profile(record_shapes=True) as prof:
+                fn()
+            events = prof.key_averages(group_by_input_shape=True)
+            total = sum(e.self_cpu_time_total for e in events)
+            weights = [e for e in events if e.key in ("aten::mm", "aten::addmm")]
+            output = [e for e in weights if e.input_shapes and e.input_shapes[-1][-1:] == [vocab]]
+            square = [e for e in weights if e.input_shapes and e.input_shapes[1] == [d, d]]
+            def self_us(group: list) -> float:
+                return sum(e.self_cpu_time_total for e in group)
+
+            out[name] = {"ms_per_step": total / steps / 1000, "weight_matmul_share": self_us(weights) / total,
+                         "output_projection_share": self_us(output) / total,
+                         "us_per_dxd_matmul": self_us(square) / max(sum(e.count for e in square), 1),
+                         "top": events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40,
+                                             max_shapes_column_width=50)}
+    return out
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
@@ -183,8 +224,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--profile", action="store_true", help="profile the decoding steps instead of timing them")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        loaded = load_model(args.model)
+        result = {**header(), "profile": profile_steps(loaded, held_out_contexts(1, seed=0)[0])}
+        for name, row in result["profile"].items():
+            print(f"{name}: {row['ms_per_step']:.1f} ms of self CPU per step under the profiler; matmuls against "
+                  f"weights {row['weight_matmul_share']:.0%}, the output projection alone "
+                  f"{row['output_projection_share']:.0%}; {row['us_per_dxd_matmul']:.0f} us per d x d matmul\n")
+            print(row["top"])
+        write_json(args.out, result)
+        return
     import transformers
 
     # Other processes on the machine slow every timing: the load average says how busy it was.

@@ -37,7 +37,8 @@ class ServeConfig:
     # Cross-session batching.
     max_batch_size: int = 32
     # Counted from the end of the previous batch too (see batcher.py); 25 ms lets the sessions a batch
-    # answered rejoin the next one over loopback under load (10 ms caught about two thirds of them).
+    # answered rejoin the next one over loopback under load (with 10 ms the mean batch of 32 sessions
+    # was 26.7; docs/benchmarks.md).
     # The price: with fewer waiting sessions than max_batch_size, each batch starts 25 ms late (a
     # lone session's reply included), against a batch that takes hundreds of ms on CPU.
     max_wait_ms: float = 25.0
