@@ -21,6 +21,7 @@ from chatbot.generate import (
     words_before,
 )
 from chatbot.modeldir import load_model
+from chatbot.ranking import LikelihoodRanker
 from chatbot.tokenizer import BOS_ID, EOT_ID
 
 CONTEXTS = [
@@ -126,13 +127,14 @@ def test_scores_are_the_models_log_likelihood(engine, loaded, strategy):
                 cand.log_likelihood / (len(cand.token_ids) + finished), abs=1e-6)
 
 
-def test_sample_and_rank_returns_the_most_likely_kept_candidate(engine):
-    for normalize in (False, True):
-        config = dataclasses.replace(WORDY, length_normalize=normalize)
-        (reply,) = engine.reply([CONTEXTS[0]], config, return_candidates=True)
-        assert len(reply.candidates) == config.num_candidates
-        key = [c.normalized_log_likelihood if normalize else c.log_likelihood for c in reply.candidates]
-        assert key == sorted(key, reverse=True)
+def test_sample_and_rank_returns_the_best_ranked_kept_candidate(loaded):
+    for ranker, key in [(LikelihoodRanker(0.0), lambda c: c.log_likelihood),
+                        (LikelihoodRanker(1.0), lambda c: c.normalized_log_likelihood)]:
+        engine = ReplyEngine(loaded.model, loaded.tokenizer, ranker=ranker)
+        (reply,) = engine.reply([CONTEXTS[0]], WORDY, return_candidates=True)
+        assert len(reply.candidates) == WORDY.num_candidates
+        assert [c.score for c in reply.candidates] == pytest.approx([key(c) for c in reply.candidates])
+        assert [key(c) for c in reply.candidates] == sorted(map(key, reply.candidates), reverse=True)
         best = next(c for c in reply.candidates if c.dropped_by is None)
         assert (reply.text, reply.log_likelihood) == (best.text, best.log_likelihood)
 
