@@ -303,7 +303,7 @@ class Trainer:
         shape = [{k: v for k, v in c.to_dict().items() if k not in free} for c in (source.model.config, self.model_cfg)]
         if shape[0] != shape[1] or source.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise ValueError(f"--init-from {directory}: its shape or tokenizer differs from this run's "
-                             "(use its preset and --tokenizer {directory}/tokenizer.json)")
+                             f"(use its preset and --tokenizer {directory}/tokenizer.json)")
         self.raw_model.load_state_dict(source.model.state_dict())
         log.info("initialised from %s", directory)
 
