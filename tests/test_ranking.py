@@ -187,6 +187,19 @@ def test_the_cli_reaches_the_serve_config(tiny_backward_dir, monkeypatch):
     assert seen["config"].ranking == RankingConfig("normalized", 0.8) and seen["config"].min_new_tokens == 4
 
 
+def test_init_from_copies_the_weights_and_refuses_another_shape(tmp_path, small_corpus, tiny_model_dir, forward):
+    from chatbot.train import Trainer, TrainConfig
+
+    common = dict(data=str(small_corpus), tokenizer=str(tiny_model_dir / "tokenizer.json"), direction="backward",
+                  init_from=str(tiny_model_dir), max_steps=1, progress=False)
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "ok"), preset="tiny", **common))
+    expected = forward.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.raw_model.state_dict().items())
+    assert trainer.model_cfg.direction == "backward"
+    with pytest.raises(ValueError, match="shape or tokenizer differs"):
+        Trainer(TrainConfig(out=str(tmp_path / "bad"), preset="tiny", model_overrides=(("d_model", 64),), **common))
+
+
 def test_train_direction_flag(tmp_path):
     from chatbot.train import TrainConfig
 
