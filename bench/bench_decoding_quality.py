@@ -201,6 +201,8 @@ def ranking_rows(loaded, contexts, responses, batch_size: int, seed: int, sample
                 tokens.append(len(chosen.token_ids))
                 filtered.append(all_filtered)
             seconds = sample_seconds + time.perf_counter() - start
+            if isinstance(ranker, MMIRanker):  # each MMI row costs the whole backward pass, though the first paid it
+                seconds += before  # (backward.seconds - before was spent now: already in the wall time)
             rows.append({"strategy": prefix + name, "table": "ranking", "ranker": getattr(ranker, "name", name),
                          "config": dataclasses.asdict(config),
                          **measure(contexts, texts, tokens, filtered, seconds, stats),

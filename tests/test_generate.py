@@ -46,6 +46,12 @@ def engine(loaded):
     return ReplyEngine(loaded.model, loaded.tokenizer)
 
 
+@pytest.fixture(scope="module")
+def meena_engine(loaded):
+    """Ranks by total log-likelihood, whatever the default: beam search's stopping rule is exact only then."""
+    return ReplyEngine(loaded.model, loaded.tokenizer, ranker=LikelihoodRanker(0.0))
+
+
 def teacher_forced_loglik(loaded, context: list[str], ids: list[int], finished: bool) -> float:
     src = contexts_to_tensor(loaded.tokenizer, [context], loaded.model.config.max_source_len)
     with torch.no_grad():
@@ -139,7 +145,8 @@ def test_sample_and_rank_returns_the_best_ranked_kept_candidate(loaded):
         assert (reply.text, reply.log_likelihood) == (best.text, best.log_likelihood)
 
 
-def test_greedy_is_beam_of_one_and_top_k_of_one(engine):
+def test_greedy_is_beam_of_one_and_top_k_of_one(meena_engine):
+    engine = meena_engine
     greedy = engine.reply(CONTEXTS, DecodingConfig(strategy="greedy", max_new_tokens=12))
     beam1 = engine.reply(CONTEXTS, DecodingConfig(strategy="beam", beam_size=1, max_new_tokens=12))
     top1 = engine.reply(CONTEXTS, DecodingConfig(strategy="sample", top_k=1, seed=5, max_new_tokens=12))
@@ -158,7 +165,8 @@ def test_greedy_picks_the_argmax_each_step(engine, loaded):
     assert logits.argmax(-1)[: len(reply.token_ids)].tolist() == reply.token_ids
 
 
-def test_beam_candidates_are_distinct_and_ranked(engine):
+def test_beam_candidates_are_distinct_and_ranked(meena_engine):
+    engine = meena_engine
     (reply,) = engine.reply([CONTEXTS[0]], DecodingConfig(strategy="beam", beam_size=4, max_new_tokens=10),
                             return_candidates=True)
     ids = [tuple(c.token_ids) for c in reply.candidates]
