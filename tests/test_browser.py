@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.serve.redis_backend import free_port
+from chatbot.testing import free_port
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
