@@ -512,7 +512,9 @@ def test_unencodable_text_is_refused_and_stored_bad_text_hurts_nobody(tmp_path: 
                 await victim.send({"type": "message", "message_id": "v1", "text": "are you ok?"})
                 for i, c in enumerate(bystanders):
                     await c.send({"type": "message", "message_id": f"x{i}", "text": f"hello from {i}"})
-                while svc.metric("chatbot_queue_depth") < 3:
+                deadline = time.monotonic() + 20
+                while svc.metric("chatbot_queue_depth") < 3:  # all three wait for the next batch
+                    assert time.monotonic() < deadline, "the poisoned session's message never reached the batcher"
                     await asyncio.sleep(0.01)
                 gated.gate.set()
                 for c, mid in [(blocker, "b0"), (victim, "v1"), (bystanders[0], "x0"), (bystanders[1], "x1")]:
