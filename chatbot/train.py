@@ -202,8 +202,13 @@ def check_resume(out: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> dict | 
     return saved
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train until ``max_steps``; returns the final validation result (and writes everything to cfg.out)."""
+def train(cfg: TrainConfig, initial_model: ChatModel | None = None) -> dict:
+    """Train until ``max_steps``; returns the final validation result (and writes everything to cfg.out).
+
+    ``initial_model`` (single process only) starts from that model, its config and weights, instead of a
+    fresh preset model, and trains it in place: ``chatbot compress`` fine-tunes a pruned model with it
+    (the pruning masks' hooks stay active, so pruned weights stay zero).  cfg.tokenizer must be its
+    tokenizer."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     ddp = Distributed.from_env(device.type)
@@ -220,10 +225,15 @@ def train(cfg: TrainConfig) -> dict:
     if not ddp.is_main:
         tokenizer, splits = prepare_data(cfg, out)  # cached: loads what rank 0 wrote
 
-    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    if initial_model is not None:
+        if ddp.world > 1:
+            raise ValueError("training from an initial model runs in one process, not under torchrun")
+        if initial_model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} entries but the model {initial_model.config.vocab_size}")
+    model_cfg = initial_model.config if initial_model is not None else cfg.model_config(tokenizer.vocab_size)
     saved = check_resume(out, cfg, model_cfg)
     torch.manual_seed(cfg.seed)
-    model = raw_model = ChatModel(model_cfg).to(device)
+    model = raw_model = (initial_model if initial_model is not None else ChatModel(model_cfg)).to(device)
     step, epoch, batch_pos = 0, 0, 0
     if saved:
         from safetensors.torch import load_file
