@@ -239,11 +239,19 @@ def int8_state_dict(model: ChatModel, float_dtype: torch.dtype | None = None) ->
 
 
 def load_int8_state(model: ChatModel, state: dict[str, Tensor], source: str) -> ChatModel:
-    """Rebuild an int8 model saved by ``int8_state_dict`` into ``model`` (a float ChatModel of the same
-    config), in place.  Raises ValueError naming ``source`` when the file does not match the config."""
+    """Rebuild an int8 model saved by ``int8_state_dict`` into ``model``, a ChatModel of the same config
+    built on the meta device (so no fp32 copy of the linear weights is ever allocated), in place.
+    Raises ValueError naming ``source`` when the file does not match the config."""
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-    quantize_int8(model)
+    for parent in list(model.modules()):  # empty quantized linears in place of the float ones
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                with quiet_ao():
+                    setattr(parent, name, QLinear(child.in_features, child.out_features, bias_=child.bias is not None,
+                                                  dtype=torch.qint8))
+    model.to_empty(device="cpu")  # the remaining float tensors (norms, depthwise kernels, embedding)
+    model.config = dataclasses.replace(model.config, quantization="int8")
     state = dict(state)
     try:
         for name, module in model.named_modules():
@@ -251,7 +259,7 @@ def load_int8_state(model: ChatModel, state: dict[str, Tensor], source: str) -> 
                 q, scale, zp = (state.pop(name + ".weight" + s) for s in (INT8, SCALE, ZERO_POINT))
                 bias = state.pop(name + ".bias", None)
                 if q.shape != (module.out_features, module.in_features):
-                    raise ValueError(f"{name}: int8 weight {tuple(q.shape)}, config wants "
+                    raise ValueError(f"{source}: {name}: int8 weight {tuple(q.shape)}, config.json wants "
                                      f"{(module.out_features, module.in_features)}")
                 with quiet_ao():
                     weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zp.long(), 0)  # exact rebuild

@@ -63,17 +63,19 @@ def load_model(directory: str | Path | None = None, device: str | torch.device =
     tokenizer = ChatTokenizer.load(directory / TOKENIZER)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelDirError(f"{directory}: tokenizer has {tokenizer.vocab_size} entries but the model {config.vocab_size}")
-    model = ChatModel(config)  # pruned widths, if any, come from the config
     state = load_file(str(directory / WEIGHTS))
     if config.quantization:
         from chatbot.compress import load_int8_state
 
+        if torch.device(device).type != "cpu":
+            raise ModelDirError(f"{directory}: an int8 model runs on the CPU only, not on {device}")
+        with torch.device("meta"):  # the quantized layers replace the float ones before any memory is used
+            model = ChatModel(config)
         try:
             load_int8_state(model, state, str(directory / WEIGHTS))
         except ValueError as e:
             raise ModelDirError(str(e)) from None
-        if torch.device(device).type != "cpu":
-            raise ModelDirError(f"{directory}: an int8 model runs on the CPU only, not on {device}")
     else:
+        model = ChatModel(config)  # pruned widths, if any, come from the config
         model.load_state_dict({k: v.float() for k, v in state.items()})
     return LoadedModel(model.to(device).eval(), tokenizer, directory)
