@@ -390,7 +390,7 @@ def recover(model: ChatModel, model_dir: Path, cfg: CompressConfig) -> dict:
                          warmup_steps=min(50, cfg.recover_steps // 10), schedule="cosine", max_steps=cfg.recover_steps,
                          batch_tokens=cfg.recover_batch_tokens, eval_every=cfg.recover_steps,
                          save_every=cfg.recover_steps, valid_examples=cfg.valid_examples, seed=cfg.seed,
-                         device="cpu", progress=cfg.progress)
+                         device="cpu", threads=torch.get_num_threads(), progress=cfg.progress)
         result = train(tc, initial_model=model)
     model.eval()
     return result
