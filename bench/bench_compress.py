@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                "test_examples": args.test_examples, "fp32_bytes": fp32_bytes, "results": results}
     write_json(args.out, payload)
     print(f"{payload['date']}  {payload['machine']['cpu']}  torch {torch.__version__}, {args.threads} thread(s), "
-          f"quantized engine {torch.backends.quantized.engine}")
+          f"quantized engine {torch.backends.quantized.engine} (supported: "
+          f"{', '.join(torch.backends.quantized.supported_engines)}), CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"model {args.model}; replies: sample-and-rank, 20 candidates x {args.reply_tokens} tokens; "
           f"perplexity: first {args.test_examples} test examples\n")
     print(table(results, args.batch))
