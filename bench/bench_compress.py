@@ -122,8 +122,10 @@ def reply_times(engines: dict[str, ReplyEngine], contexts: list[list[str]], batc
 
 
 def measure(models: dict[str, Path], args: argparse.Namespace, fp32_bytes: int) -> dict[str, dict]:
-    """Everything but building: per variant size, memory, reply times and perplexity."""
+    """Everything but building: per variant size, memory, reply times and perplexity.  What is measured
+    so far is also written to OUT.partial after each phase: a long run on a busy machine keeps it."""
     results: dict[str, dict] = {}
+    partial = lambda: write_json(args.out + ".partial", {**header(), "results": results})  # noqa: E731
     loaded = {name: load_model(d) for name, d in models.items()}
     first = next(iter(models))
     for name, d in models.items():
@@ -132,6 +134,7 @@ def measure(models: dict[str, Path], args: argparse.Namespace, fp32_bytes: int) 
                          "config_compression": loaded[name].model.config.compression}
         print(f"  memory: {name}", file=sys.stderr, flush=True)
         results[name].update(resident_memory(d, args.threads))
+    partial()
     base = results[first]
     for r in results.values():
         r["size_ratio"] = base["bytes"] / r["bytes"]
@@ -144,10 +147,12 @@ def measure(models: dict[str, Path], args: argparse.Namespace, fp32_bytes: int) 
         for name, t in times.items():
             results[name][f"batch{batch}"] = {**t, "ratio": t["wall_s"] / times[first]["wall_s"],
                                               "cpu_ratio": t["cpu_s"] / times[first]["cpu_s"]}
+        partial()
     for name, m in loaded.items():
         print(f"  perplexity: {name}", file=sys.stderr, flush=True)
         results[name]["test"] = test_perplexity(m.model, m.tokenizer, args.test_examples)
         results[name]["ppl_change"] = results[name]["test"]["perplexity"] / results[first]["test"]["perplexity"] - 1
+        partial()
     return results
 
 
