@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 BlockType = Literal["evolved", "vanilla"]
+Direction = Literal["forward", "backward"]
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,9 @@ class ModelConfig:
     bos_id: int = 1
     eot_id: int = 2
     model_type: str = "evolved_transformer_chat"  # marker in config.json
+    # What the model predicts: forward p(reply | context), a chat model; backward p(last context turn |
+    # reply), a scorer for maximum-mutual-information reranking (chatbot/ranking.py), never a chat model.
+    direction: Direction = "forward"
     # Written by structured pruning (chatbot.compress); None means the architecture's own widths.
     # One entry per layer, encoder layers first, then decoder layers.
     ffn_widths: tuple[int, ...] | None = None  # inner FFN units (default 4d)
@@ -71,6 +75,8 @@ class ModelConfig:
             raise ConfigError("dropout rates must be in [0, 1)")
         if self.vocab_size <= max(self.pad_id, self.bos_id, self.eot_id):
             raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the special token ids")
+        if self.direction not in ("forward", "backward"):
+            raise ConfigError(f"direction must be 'forward' or 'backward', got {self.direction!r}")
         if self.max_source_len < 1 or self.max_target_len < 2:
             raise ConfigError("max_source_len must be >= 1 and max_target_len >= 2")
 

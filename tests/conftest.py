@@ -43,3 +43,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path)
     train(TrainConfig(out=str(out), preset="tiny", data=str(small_corpus), vocab_size=512, max_steps=60,
                       warmup_steps=10, lr=3e-3, batch_tokens=2048, eval_every=60, save_every=60, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backward_dir(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path, tiny_model_dir: Path) -> Path:
+    """A `tiny` backward model, p(last context turn | reply), started from the tiny chat model's weights."""
+    from chatbot.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-backward")
+    train(TrainConfig(out=str(out), preset="tiny", data=str(small_corpus), direction="backward",
+                      tokenizer=str(tiny_model_dir / "tokenizer.json"), init_from=str(tiny_model_dir), max_steps=40, warmup_steps=10, lr=3e-3,
+                      batch_tokens=2048, eval_every=40, save_every=40, progress=False))
+    return out
