@@ -30,6 +30,7 @@ def fit_ppl_ssa(perplexity: list[float], ssa: list[float], n_boot: int = 2000, s
     xs, ys = xs[valid], ys[valid]
     xc, yc = xs - xs.mean(axis=1, keepdims=True), ys - ys.mean(axis=1, keepdims=True)
     rs = (xc * yc).sum(axis=1) / np.sqrt((xc ** 2).sum(axis=1) * (yc ** 2).sum(axis=1))
+    rs = np.clip(rs, -1.0, 1.0)  # rounding can step just past +-1
     out["bootstrap_valid"] = int(valid.sum())
     if len(rs):
         lo, hi = np.percentile(rs, [2.5, 97.5])
