@@ -45,6 +45,8 @@ function renderItem(item) {
   document.getElementById("rating").dataset.itemId = item.id;
   setStep("sensible");
   ssa.show("rating", true);
+  // The keys answer the item: leave the (now hidden) token box.
+  if (document.activeElement && document.activeElement.tagName === "INPUT") document.activeElement.blur();
 }
 
 function setStep(name) {
