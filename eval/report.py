@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from eval.correlation import fit_ppl_ssa
 from eval.ratings import Rating, check_consistent
 from eval.scores import DEFAULT_BOOTSTRAP, agreement, item_labels, system_scores
@@ -169,13 +171,22 @@ def plot_ppl_vs_ssa(report: dict, path: Path) -> None:
         ax.errorbar(s["perplexity"], s["ssa"], yerr=[[s["ssa"] - lo], [hi - s["ssa"]]], fmt="o", color="C0", capsize=3)
         ax.annotate(s["system"], (s["perplexity"], s["ssa"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     fit = report["fit"]
+    xs = [s["perplexity"] for s in with_ppl]
+    log_x = bool(xs) and max(xs) / min(xs) > 5  # a ladder from seconds of training to a real model spans decades
     if fit["slope"] is not None:
-        xs = [min(s["perplexity"] for s in with_ppl), max(s["perplexity"] for s in with_ppl)]
-        ax.plot(xs, [fit["slope"] * x + fit["intercept"] for x in xs], color="C1",
+        grid = np.geomspace(min(xs), max(xs), 100) if log_x else np.linspace(min(xs), max(xs), 2)
+        ax.plot(grid, fit["slope"] * grid + fit["intercept"], color="C1",
                 label=f"least squares: r = {fit['pearson_r']:.2f}, R$^2$ = {fit['r2']:.2f}")
     for k, s in enumerate(without):
         ax.axhline(s["ssa"], linestyle="--", color=f"C{2 + k % 7}", label=f"{s['system']} (no perplexity)")
-    ax.set_xlabel("perplexity (per token, held-out)")
+    if log_x:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("perplexity (per token, held-out)" + (", log scale; the fit is linear" if log_x else ""))
     ax.set_ylabel("SSA")
     title = "Perplexity vs SSA" + (" (SIMULATED raters)" if report["simulated_raters"] else "")
     ax.set_title(title)
