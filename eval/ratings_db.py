@@ -156,20 +156,23 @@ class RatingsDB:
     def load_set(self, rating_set: RatingSet, exclude_rater: str | None = None) -> int:
         """Add a set's items; returns how many were new.  Loading the same set again adds nothing;
         an item id that exists with different content is refused (the whole set is then not loaded)."""
-        now, added = time.time(), 0
         with self._tx():
-            self.conn.execute("INSERT OR IGNORE INTO sets VALUES (?, ?, ?, ?)",
-                              (rating_set.name, rating_set.kind,
-                               json.dumps({"systems": rating_set.systems, "decoding": rating_set.decoding}), now))
-            for item in rating_set.items:
-                row = self.conn.execute("SELECT system, context, response FROM items WHERE id=?", (item.id,)).fetchone()
-                context = json.dumps(list(item.context), ensure_ascii=False)
-                if row is None:
-                    self.conn.execute("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                      (item.id, rating_set.name, item.system, context, item.response, exclude_rater, now))
-                    added += 1
-                elif tuple(row) != (item.system, context, item.response):
-                    raise SetError(f"set {rating_set.name!r}: item {item.id!r} is already loaded with other content")
+            return self._insert_set(rating_set, exclude_rater)
+
+    def _insert_set(self, rating_set: RatingSet, exclude_rater: str | None) -> int:
+        now, added = time.time(), 0
+        self.conn.execute("INSERT OR IGNORE INTO sets VALUES (?, ?, ?, ?)",
+                          (rating_set.name, rating_set.kind,
+                           json.dumps({"systems": rating_set.systems, "decoding": rating_set.decoding}), now))
+        for item in rating_set.items:
+            row = self.conn.execute("SELECT system, context, response FROM items WHERE id=?", (item.id,)).fetchone()
+            context = json.dumps(list(item.context), ensure_ascii=False)
+            if row is None:
+                self.conn.execute("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  (item.id, rating_set.name, item.system, context, item.response, exclude_rater, now))
+                added += 1
+            elif tuple(row) != (item.system, context, item.response):
+                raise SetError(f"set {rating_set.name!r}: item {item.id!r} is already loaded with other content")
         return added
 
     def item(self, iid: str) -> Item:
@@ -225,6 +228,9 @@ class RatingsDB:
                               (iid, rater_id, int(sensible), int(specific), time.time()))
             self.conn.execute("DELETE FROM assignments WHERE rater_id=?", (rater_id,))
 
+    def has_answers(self, rater_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM answers WHERE rater_id=? LIMIT 1", (rater_id,)).fetchone() is not None
+
     def undo(self, rater_id: str) -> str:
         """Withdraw the rater's latest answer; that item becomes their open item again."""
         with self._tx():
@@ -264,13 +270,13 @@ class RatingsDB:
         each bot turn becomes an item (context: the conversation before it), never shown to its author."""
         history = [*chat.history, user_text, bot_text]
         done = len(history) >= chat.turns
-        with self._tx():
+        with self._tx():  # the last turn and the items it releases land together
             self.conn.execute("UPDATE chats SET history=?, status=? WHERE id=?",
                               (json.dumps(history, ensure_ascii=False), "done" if done else "open", chat.id))
-        if done:
-            items = [Item(item_id(INTERACTIVE_SET, chat.id, t), chat.system, tuple(history[:t]), history[t])
-                     for t in range(1, len(history), 2)]
-            self.load_set(RatingSet(INTERACTIVE_SET, "interactive", items, {}, None), exclude_rater=chat.rater_id)
+            if done:
+                items = [Item(item_id(INTERACTIVE_SET, chat.id, t), chat.system, tuple(history[:t]), history[t])
+                         for t in range(1, len(history), 2)]
+                self._insert_set(RatingSet(INTERACTIVE_SET, "interactive", items, {}, None), chat.rater_id)
         return Chat(chat.id, chat.rater_id, chat.system, chat.turns, history, "done" if done else "open")
 
     # --------------------------------------------------------------------------------- admin views

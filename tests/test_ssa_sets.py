@@ -150,3 +150,22 @@ def test_static_set_from_two_models(tmp_path: Path, tiny_model_dir: Path, small_
     with pytest.raises(ValueError, match="used twice"):
         from eval.static_set import parse_model_specs
         parse_model_specs([str(tiny_model_dir), str(tiny_model_dir)])
+
+
+def test_report_computes_perplexity_for_model_systems(tmp_path: Path, tiny_model_dir: Path, small_corpus: Path) -> None:
+    out = tmp_path / "static.json"
+    assert chatbot_main(["eval", "static-set", "--models", f"a={tiny_model_dir}", "--contexts", str(small_corpus),
+                         "--n", "4", "--out", str(out), "--human", "--num-candidates", "2", "--max-new-tokens", "4"]) == 0
+    rating_set = load_set(out)
+    csv_path = tmp_path / "ratings.csv"
+    rows = [f"{i.system},{i.id},r{k},{int(k != 2)},{int(k == 0)}" for i in rating_set.items for k in range(3)]
+    csv_path.write_text("system,item_id,rater_id,sensible,specific\n" + "\n".join(rows) + "\n")
+    report_dir = tmp_path / "report"
+    assert chatbot_main(["eval", "report", "--ratings", str(csv_path), "--set", str(out), "--compute-perplexity",
+                         "--ppl-data", str(small_corpus), "--ppl-max-examples", "20", "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    by = {s["system"]: s for s in report["systems"]}
+    # Each item: 2 of 3 sensible (a majority), 1 of 3 specific (not): sensibleness 1, specificity 0, SSA 0.5.
+    assert (by["a"]["sensibleness"], by["a"]["specificity"], by["a"]["ssa"]) == (1.0, 0.0, 0.5)
+    assert by["a"]["perplexity"] > 1 and by["human"]["perplexity"] is None
+    assert report["fit"]["pearson_r"] is None and report["fit"]["systems"] == 1
