@@ -128,3 +128,26 @@ def test_rater_rates_with_the_keyboard_undoes_and_hostile_text_stays_text(form, 
     # The guide with the definitions is one click away.
     browser.find_element(By.CSS_SELECTOR, "#guide summary").click()
     assert "Roger Federer" in browser.find_element(By.ID, "guide").text
+
+
+def test_admin_page_creates_a_rater_and_shows_progress(form, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, db_path = form
+    admin_token = (db_path.parent / "admin-token").read_text().strip()
+    wait = WebDriverWait(browser, 30)
+    browser.get(url + "/admin")
+    box = wait.until(lambda d: d.find_element(By.ID, "token") if d.find_element(By.ID, "signin").is_displayed() else None)
+    box.send_keys(admin_token + Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "admin").is_displayed()
+               and "bot" in d.find_element(By.ID, "systems").text)
+    assert "hostile" in browser.find_element(By.ID, "sets").text
+    name = browser.find_element(By.ID, "rater-name")
+    name.send_keys('<img src=x onerror="window.__xss = 4">' + Keys.ENTER)
+    token_line = wait.until(lambda d: d.find_element(By.ID, "new-token").text or None)
+    assert token_line.startswith("Rater r") and "token (shown only now): r" in token_line
+    wait.until(lambda d: '<img src=x onerror="window.__xss = 4">' in d.find_element(By.ID, "raters").text)
+    assert browser.find_elements(By.CSS_SELECTOR, "main img") == []
+    assert browser.execute_script("return window.__xss === undefined")
