@@ -53,9 +53,9 @@ default-model: $(STAMP)
 vanilla-baseline: $(STAMP)
 	$(BIN)/chatbot train --preset default-vanilla --out runs/default-vanilla --tokenizer runs/default-et/tokenizer.json $(TRAIN_FLAGS)
 
-# The example SSA report in docs/ssa-example: the shipped model, every model directory in runs/ladder
-# (checkpoints of one run) and a tiny rung trained for seconds, rated by SIMULATED raters over the form's
+# The example SSA report in docs/ssa-example: the shipped model and every model directory in runs/ladder
+# (checkpoints of one run; --tiny-steps N adds a tiny rung trained for seconds), rated by SIMULATED raters over the form's
 # HTTP API, perplexities on the test split.  Minutes on 2 CPU cores; see docs/evaluation.md.
-SSA_EXAMPLE_FLAGS ?= --n 30
+SSA_EXAMPLE_FLAGS ?= --n 30 --num-candidates 8 --tiny-steps 0 --ppl-max-examples 300
 ssa-example: $(STAMP)
 	$(BIN)/python -m eval.example --out docs/ssa-example --ladder runs/ladder $(SSA_EXAMPLE_FLAGS)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-candidates", type=int, default=20)
     p.add_argument("--raters", type=int, default=5, help="simulated raters, each rating every item (k)")
     p.add_argument("--noise", type=float, default=0.1, help="each simulated judgement flips with this probability")
-    p.add_argument("--ppl-max-examples", type=int, default=1000, help="perplexity on the first N test examples")
+    p.add_argument("--ppl-max-examples", type=int, default=500, help="perplexity on the first N test examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="keep intermediate files here (default: a temporary folder)")
     args = p.parse_args(argv)
