@@ -282,8 +282,8 @@ class Trainer:
 
         self.train_store = ExampleStore(splits["train"], model_cfg.max_source_len, model_cfg.max_target_len)
         self.valid_store = ExampleStore(splits["valid"], model_cfg.max_source_len, model_cfg.max_target_len)
-        if ddp.is_main and saved:
-            checkpoint.drop_events_after(out / METRICS, self.progress.step)  # work after the checkpoint is redone
+        if ddp.is_main:  # work after the checkpoint (or all of it, starting afresh) is being redone
+            checkpoint.drop_events_after(out / METRICS, self.progress.step)
         self.metrics_file = open(out / METRICS, "a") if ddp.is_main else None
 
     def wrap(self, model: ChatModel) -> torch.nn.Module:

@@ -165,3 +165,13 @@ def test_train_events_carry_cumulative_time(tmp_path, small_corpus):
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     cpu = [e["cpu_seconds"] for e in events]
     assert [e["step"] for e in events] == [1, 2, 3, 4] and cpu == sorted(cpu) and cpu[0] > 0
+
+
+def test_a_fresh_start_forgets_metrics_of_a_run_that_never_checkpointed(tmp_path, small_corpus):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 20, "loss": 9.0}) + "\n")
+    train(tiny_config(out, small_corpus, max_steps=2, log_every=1))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == [1, 2]
