@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the test suite needs (a real browser for the page tests).
 TEST_DEBS := chromium chromium-driver
 
-.PHONY: install serve test bench system-deps clean default-model vanilla-baseline
+.PHONY: install serve test bench system-deps clean default-model vanilla-baseline ssa-example
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,3 +54,10 @@ default-model: $(STAMP)
 
 vanilla-baseline: $(STAMP)
 	$(BIN)/chatbot train --preset default-vanilla --out runs/default-vanilla $(TRAIN_FLAGS)
+
+# The example SSA report in docs/ssa-example: the shipped model and every model directory in runs/ladder
+# (checkpoints of one run; --tiny-steps N adds a tiny rung trained for seconds), rated by SIMULATED raters over the form's
+# HTTP API, perplexities on the test split.  Minutes on 2 CPU cores; see docs/evaluation.md.
+SSA_EXAMPLE_FLAGS ?= --n 30 --num-candidates 8 --tiny-steps 0 --ppl-max-examples 300
+ssa-example: $(STAMP)
+	$(BIN)/python -m eval.example --out docs/ssa-example --ladder runs/ladder $(SSA_EXAMPLE_FLAGS)

@@ -111,23 +111,17 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines instead of failing")
     ppl.set_defaults(func=run_perplexity)
+    from eval.cli import add_ssa_commands
+
+    add_ssa_commands(esub)
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from chatbot.data import ExampleStore, prepare_splits
-    from chatbot.modeldir import load_model
-    from eval.perplexity import evaluate_perplexity
+    from eval.perplexity import model_dir_perplexity
 
-    loaded = load_model(args.model, args.device)
-    if args.data in ("test", "valid", "train"):
-        directory = prepare_splits("chitchat", loaded.tokenizer, [args.data])[args.data]
-    else:
-        directory = prepare_splits(args.data, loaded.tokenizer, ["test"], skip_bad_lines=args.skip_bad_lines,
-                                   whole_file_as="test")["test"]
-    cfg = loaded.model.config
-    store = ExampleStore(directory, cfg.max_source_len, cfg.max_target_len, cfg.direction)
-    result = evaluate_perplexity(loaded.model, store, args.batch_tokens, args.device, max_examples=args.max_examples)
-    print(json.dumps({"model": str(loaded.directory), "data": args.data, **result.to_dict()}))
+    directory, result = model_dir_perplexity(args.model, args.data, args.batch_tokens, args.max_examples, args.device,
+                                             args.skip_bad_lines)
+    print(json.dumps({"model": directory, "data": args.data, **result.to_dict()}))
     return 0
 
 
