@@ -7,7 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# Before torch loads OpenMP: sleeping idle threads keep the suite's speed when something else is busy
+# (spinning ones collapsed a tiny model's training from thousands of tokens/s to 8 on a shared box).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
