@@ -1,5 +1,6 @@
 """Distributed training end to end on CPU: `torchrun --nproc_per_node 2` (gloo) trains the tiny preset
-and lowers the loss; its checkpoint then resumes in a single process (a different process count)."""
+and lowers the loss; its checkpoint then resumes in a single process (a different process count),
+continuing from the same data position."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_torchrun_two_processes_then_resume_on_one(tmp_path: Path, small_corpus:
          *flags, "--max-steps", "20"])
     state = json.loads((out / "train_state" / "trainer.json").read_text())
     assert state["step"] == 20 and state["world_size"] == 2
+    assert state["progress"]["epoch_batches_done"] == 40  # both ranks' batches, one each a step
     train = events(out, "train")
     assert [e["step"] for e in train] == list(range(1, 21))
     first, last = train[:5], train[-5:]
@@ -48,6 +50,7 @@ def test_torchrun_two_processes_then_resume_on_one(tmp_path: Path, small_corpus:
     run([sys.executable, "-m", "chatbot.cli", *flags, "--max-steps", "30"])
     state = json.loads((out / "train_state" / "trainer.json").read_text())
     assert state["step"] == 30 and state["world_size"] == 1
+    assert state["progress"]["epoch_batches_done"] == 50  # the data position carried over: 40 + 10
     assert [e["step"] for e in events(out, "train")] == list(range(1, 31))  # continued, not restarted
     valid = [e["perplexity"] for e in events(out, "valid")]
     assert len(valid) == 3 and valid[2] < valid[1]
