@@ -78,11 +78,14 @@ def conversation_report(run: dict, messages: int) -> dict:
             full += 1
     errors = Counter(f"{e['code']} (retryable={e['retryable']})" for t in run["talks"] for e in t.errors)
     recovery = [s for t in run["talks"] for s in t.recovery_s]
+    reconnect = [s for t in run["talks"] for s in t.reconnect_s]
     return {"sessions": len(run["talks"]), "full_history": full, "full_history_share": full / len(run["talks"]),
             "failures": failures[:5], "error_frames": dict(errors),
             "sessions_disconnected": sum(1 for t in run["talks"] if t.disconnects),
             "disconnects": sum(t.disconnects for t in run["talks"]),
             "reconnects": sum(t.reconnects for t in run["talks"]),
+            "reconnect_s_median": statistics.median(reconnect) if reconnect else None,
+            "reconnect_s_max": max(reconnect) if reconnect else None,
             "recovery_s_median": statistics.median(recovery) if recovery else None,
             "recovery_s_max": max(recovery) if recovery else None}
 
@@ -116,8 +119,13 @@ def r3(args: argparse.Namespace, workdir: Path) -> dict:
         report = conversation_report(run, args.messages)
         survivor_connections = c.workers[1].metric("chatbot_connections")
     report.update({"killed_after_replies": args.kill_after, "killed": state["killed_at"] is not None,
-                   "replies": run["replies"], "wall_s": run["wall_s"], "survivor_connections_at_end": survivor_connections})
+                   "replies": run["replies"], "wall_s": run["wall_s"], "p50_ms": run["p50_ms"], "p95_ms": run["p95_ms"],
+                   "survivor_connections_at_end": survivor_connections})
     return report
+
+
+def fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"R3: {r['full_history']}/{r['sessions']} conversations continued with full history "
                   f"({100 * r['full_history_share']:.0f}%); error frames {r['error_frames'] or 'none'}; "
                   f"{r['sessions_disconnected']} sessions disconnected ({r['disconnects']} disconnects, "
-                  f"{r['reconnects']} reconnects); recovery median {r['recovery_s_median']} s, max {r['recovery_s_max']} s",
+                  f"{r['reconnects']} reconnects); lost -> resumed with history: median {fmt(r['reconnect_s_median'])} s, "
+                  f"max {fmt(r['reconnect_s_max'])} s; lost -> next reply: median {fmt(r['recovery_s_median'])} s, "
+                  f"max {fmt(r['recovery_s_max'])} s (reply latency under this load: p50 {r['p50_ms'] / 1000:.1f} s)",
                   flush=True)
             if r["failures"]:
                 print("failures:", r["failures"], flush=True)

@@ -230,6 +230,7 @@ class Conversation:
     errors: list[dict[str, Any]] = field(default_factory=list)  # error frames: code, retryable
     disconnects: int = 0
     reconnects: int = 0
+    reconnect_s: list[float] = field(default_factory=list)  # connection lost -> session resumed (history back)
     recovery_s: list[float] = field(default_factory=list)  # connection lost -> next reply received
     resumed_histories: list[list[dict]] = field(default_factory=list)
     _ws: aiohttp.ClientWebSocketResponse | None = None
@@ -252,6 +253,8 @@ class Conversation:
         if self.session_id is not None:
             self.reconnects += 1
             self.resumed_histories.append(frame["history"])
+            if self._lost_at is not None:
+                self.reconnect_s.append(time.monotonic() - self._lost_at)
         self.session_id = frame["session_id"]
         return frame["history"]
 
