@@ -121,7 +121,7 @@ def measure_size(n: int, args: argparse.Namespace) -> dict:
     truth, exact_s = exact_top_k(corpus, queries)
 
     index = faiss.index_factory(corpus.dim, factory, faiss.METRIC_INNER_PRODUCT)
-    train_n = min(n, max(args.train_per_list * nlist, 65_536))
+    train_n = min(n, max(args.train_per_list * nlist, 20_000))  # PQ codebooks need >= 39 x 256
     start = time.perf_counter()
     index.train(corpus.sample(train_n))
     train_s = time.perf_counter() - start
