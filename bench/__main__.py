@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench.bench_service",
     "bench.bench_cluster",  # needs Debian's redis-server and nginx (make system-deps)
     "bench.bench_index_scale",
+    "bench.bench_compress",
 ]
 
 

@@ -48,6 +48,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -140,6 +141,8 @@ class Reply:
     all_filtered: bool  # every candidate was dropped; ``text`` is the fallback (see the module docstring)
     # Of the call until this reply was final: tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
     timings: dict[str, float]
+    # What the reply drew on, one dict per source (id, title, url, ...); empty until replies use knowledge.
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -177,6 +180,11 @@ def check_contexts(contexts: object) -> list[list[str]]:
                 raise GenerationError(f"context {i}, turn {j}: expected a string, got {type(turn).__name__}")
             if not turn.strip():
                 raise GenerationError(f"context {i}, turn {j} is empty or whitespace only; drop the turn or send text")
+            try:
+                turn.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer would fail the whole batch
+                raise GenerationError(f"context {i}, turn {j} is not valid Unicode ({e.reason} at character "
+                                      f"{e.start}); replace unpaired surrogates") from None
             if len(turn) > MAX_TURN_CHARS:
                 raise GenerationError(f"context {i}, turn {j} has {len(turn)} characters; the limit is "
                                       f"{MAX_TURN_CHARS} (the model reads only a context's last tokens)")

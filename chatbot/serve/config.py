@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?$")
 
 
 class ServeConfigError(ValueError):
@@ -51,6 +54,17 @@ class ServeConfig:
     rate_burst: int = 10  # messages a session may send at once
     heartbeat_s: float = 30.0  # websocket ping interval; a peer that misses a pong is dropped
     shutdown_grace_s: float = 10.0  # in-flight replies get this long to finish on shutdown
+    # After the server's close frame (1001 on shutdown), how long the client gets to answer with its
+    # own before the TCP connection is closed; closing at once can reset a client that was not reading.
+    close_grace_s: float = 2.0
+    # Redis: connecting and each command's answer are bounded by this, so a hung Redis costs about
+    # this long before "store_unavailable"; /readyz reports a ping made every health_interval_s.
+    redis_timeout_s: float = 1.0
+    health_interval_s: float = 1.0
+    # Browser pages allowed to open the websocket, as "scheme://host[:port]"; the page's own origin
+    # (the Origin's host equals the request's Host) always is, "*" allows any.  Clients that send no
+    # Origin (not browsers) are not affected.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,12 +85,18 @@ class ServeConfig:
             (self.rate_burst >= 1, "--rate-burst must be >= 1"),
             (self.heartbeat_s > 0, "--heartbeat must be > 0"),
             (self.shutdown_grace_s >= 0, "--shutdown-grace must be >= 0"),
+            (self.close_grace_s >= 0, "--close-grace must be >= 0"),
+            (self.redis_timeout_s > 0, "--redis-timeout must be > 0"),
+            (self.health_interval_s > 0, "--health-interval must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ServeConfigError(message)
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ServeConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        for origin in self.allowed_origins:
+            if origin != "*" and not ORIGIN_RE.fullmatch(origin):
+                raise ServeConfigError(f"--allowed-origin must be scheme://host[:port] (or *), got {origin!r}")
 
     @property
     def model_threads(self) -> int:
