@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Debian packages the test suite needs (a real browser for the page tests).
-TEST_DEBS := chromium chromium-driver
+# Debian packages the test suite needs (a real browser for the page tests; Redis and nginx for the
+# multi-worker deployment test).
+TEST_DEBS := chromium chromium-driver redis-server nginx
 
 .PHONY: install serve test bench system-deps clean default-model vanilla-baseline ssa-example
 
