@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.serve.redis_backend import free_port
+from chatbot.testing import free_port
 from eval.itemset import Item, RatingSet, system_info
 from eval.rating_client import RatingClient
 from tests.test_ssa_durability import wait_ready

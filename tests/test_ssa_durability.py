@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatbot.serve.redis_backend import free_port
+from chatbot.testing import free_port
 from eval.rating_client import RatingClient
 from tests.ssa_support import make_set
 
