@@ -5,7 +5,6 @@ responses holding <script> and <img onerror> show as text and run nothing."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +19,6 @@ from eval.itemset import Item, RatingSet, system_info
 from eval.rating_client import RatingClient
 from tests.test_ssa_durability import wait_ready
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HOSTILE = ('<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
            '<b onmouseover="window.__xss = 3">bold?</b>')
 
@@ -52,27 +50,6 @@ def form(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
             proc.kill()
             raise
     assert proc.returncode == 0, log_path.read_text()
-
-
-@pytest.fixture
-def browser(tmp_path: Path):
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("Debian's chromium and chromium-driver are needed: `make system-deps` installs them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_rater_rates_with_the_keyboard_undoes_and_hostile_text_stays_text(form, browser) -> None:
