@@ -101,7 +101,7 @@ def server_memory(models: dict[str, Path], work: Path) -> dict[str, dict]:
             await client.say("hello, how are you today?")
 
     found = {}
-    with RedisProcess(work / "redis") as redis:
+    with RedisProcess(work.resolve() / "redis") as redis:  # redis-server chdirs into it: absolute
         for name, model in models.items():
             print(f"  server memory: {name}", file=sys.stderr, flush=True)
             server = ServerProcess(str(model), redis.url, work, ["--torch-threads", "1"])

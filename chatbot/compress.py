@@ -346,6 +346,11 @@ def check_request(cfg: CompressConfig) -> None:
         raise CompressError(f"--data {cfg.data!r}: no such file (use 'chitchat' or a JSONL corpus path)")
     if cfg.prune is None and cfg.quantize is None:
         raise CompressError("nothing to do: give --prune FRACTION and/or --quantize int8")
+    if not Path(cfg.model).is_dir():
+        raise CompressError(f"--model {cfg.model}: no such directory (a model directory holds config.json, "
+                            "model.safetensors and tokenizer.json)")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise CompressError(f"--out {cfg.out} is a file; give a directory to write the compressed model into")
     if Path(cfg.out).resolve() == Path(cfg.model).resolve():
         raise CompressError(f"--out {cfg.out} is the --model directory; write the compressed model elsewhere")
 

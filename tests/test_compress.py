@@ -298,6 +298,22 @@ def test_bad_models_are_named(compressed_dir: Path, tmp_path: Path, capsys) -> N
     assert f"{tmp_path / 'empty'}: missing config.json" in capsys.readouterr().err
     assert main(["compress", "--model", str(compressed_dir), "--out", str(compressed_dir), "--quantize", "int8"]) == 2
     assert "is the --model directory" in capsys.readouterr().err
+    assert main(["compress", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert f"--model {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["compress", "--model", str(compressed_dir), "--out", str(tmp_path / "a-file"), "--quantize", "int8"]) == 2
+    assert f"--out {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
+    other = tmp_path / "other-model"  # another project's model directory: its config.json is named
+    other.mkdir()
+    for name in (WEIGHTS, "tokenizer.json"):
+        (other / name).write_bytes((compressed_dir / name).read_bytes())
+    (other / CONFIG).write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    assert main(["compress", "--model", str(other), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert f"{other / CONFIG}: unknown model config fields: hidden_size" in capsys.readouterr().err
+    (other / CONFIG).write_text(json.dumps({"model_type": "bert"}))
+    assert main(["compress", "--model", str(other), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert f"{other / CONFIG}: model_type is 'bert': not a model of this project" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_int8_weights_that_do_not_match_the_config_are_refused(compressed_dir: Path, tmp_path: Path) -> None:
