@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench.bench_cluster",  # needs Debian's redis-server and nginx (make system-deps)
     "bench.bench_index_scale",
     "bench.bench_compress",
+    "bench.bench_int8_kernels",
 ]
 
 

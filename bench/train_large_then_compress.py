@@ -92,10 +92,11 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 def plot(curves: dict[str, list], budget: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    unit, per = ("minutes", 60) if budget < 2 * 3600 else ("hours", 3600)  # a short budget reads in minutes
     for label, curve in curves.items():
-        ax.plot([c / 3600 for c, _, _ in curve], [p for _, p, _ in curve], marker="o", ms=3, label=label)
-    ax.axvline(budget / 3600, color="grey", ls="--", lw=1, label=f"equal budget: {budget / 3600:.2f} CPU h")
-    ax.set_xlabel("training CPU time (hours, cumulative)")
+        ax.plot([c / per for c, _, _ in curve], [p for _, p, _ in curve], marker="o", ms=3, label=label)
+    ax.axvline(budget / per, color="grey", ls="--", lw=1, label=f"equal budget: {budget / per:.1f} CPU {unit}")
+    ax.set_xlabel(f"training CPU time ({unit}, cumulative)")
     ax.set_ylabel("validation perplexity (tokens)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
