@@ -28,7 +28,8 @@ from collections.abc import Iterator
 import torch
 
 from bench.common import header, write_json
-from chatbot.data import MAX_CONTEXT_TURNS, chitchat_conversations, split_of
+from chatbot.data import chitchat_conversations, split_of
+from chatbot.model_input import MAX_CONTEXT_TURNS
 from chatbot.filters import RepetitionFilter, words
 from chatbot.generate import MAX_TURN_CHARS, DecodingConfig, ReplyEngine
 from chatbot.modeldir import load_model

@@ -145,11 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_pack(sub)
     from chatbot.chat import add_chat
     from chatbot.client import add_client
+    from chatbot.index_cli import add_index
     from chatbot.serve.cli import add_serve
 
     add_chat(sub)
     add_serve(sub)
     add_client(sub)
+    add_index(sub)
     return parser
 
 
