@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench.bench_decoding",
     "bench.bench_decoding_quality",
     "bench.bench_service",
+    "bench.bench_knowledge",
 ]
 
 

@@ -63,6 +63,18 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     common(s)
     s.set_defaults(func=run_search)
 
+    t = isub.add_parser("training-data", help="write SYNTHETIC knowledge-grounded conversations (JSONL) from an index",
+                        description="Template conversations over the index's articles (retrieval/grounded_data.py): "
+                                    "a question about a topic, a reply stating a fact from its passage, the gold passage "
+                                    "among retrieved distractors; a share of articles held out for evaluation.")
+    t.add_argument("--out", required=True, help="directory for train.jsonl, heldout.jsonl, passages.jsonl, meta.json")
+    t.add_argument("--max-articles", type=int, help="use a random sample of this many articles (default: all)")
+    t.add_argument("--heldout-share", type=float, default=0.05, help="share of articles held out entirely")
+    t.add_argument("--knowledge", type=int, default=3, help="passages per example (gold + distractors)")
+    t.add_argument("--seed", type=int, default=0)
+    common(t, deployment=False)
+    t.set_defaults(func=run_training_data)
+
 
 def _embedder(args: argparse.Namespace):
     from retrieval.embedder import load_embedder
@@ -117,6 +129,17 @@ def run_delete(args: argparse.Namespace) -> int:
         result = {"deleted": kb.delete(args.id), "passages": len(kb)}
         kb.close()
     print(json.dumps(result))
+    return 0
+
+
+def run_training_data(args: argparse.Namespace) -> int:
+    from retrieval.grounded_data import write_grounded_data
+
+    kb = _open(args)
+    meta = write_grounded_data(kb, args.out, seed=args.seed, n_knowledge=args.knowledge,
+                               heldout_share=args.heldout_share, max_articles=args.max_articles)
+    kb.close()
+    print(json.dumps(meta))
     return 0
 
 

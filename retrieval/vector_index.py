@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 AUTO_EXACT_MAX = 100_000  # below this, exact search of a query takes about a millisecond: no reason to approximate
 DEFAULT_NPROBE = 32  # IVF lists searched per query; chosen by bench/bench_knowledge.py ann (docs/benchmarks.md)
 MIN_POINTS_PER_CENTROID = 39  # FAISS's own k-means guidance
+TRAIN_POINTS_PER_LIST = 64  # IVF training sample per list
 
 
 class IndexTypeError(ValueError):
@@ -123,7 +124,12 @@ class VectorIndex:
             if ivf is not None and gpu_available():
                 log.info("training %s on %d GPU(s)", factory, faiss.get_num_gpus())
                 ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
-            index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+            sample = train_vectors
+            if ivf is not None and len(sample) > TRAIN_POINTS_PER_LIST * ivf.nlist:
+                # k-means needs tens of points per list, not all of them: a random sample trains as well, faster
+                pick = np.random.default_rng(0).choice(len(sample), TRAIN_POINTS_PER_LIST * ivf.nlist, replace=False)
+                sample = sample[np.sort(pick)]
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
         return cls(index, factory, nprobe)
 
     def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:

@@ -323,3 +323,37 @@ def test_default_knowledge_base_finds_mona_lisa_first(tmp_path, embedder, monkey
     assert hits[0].passage.id == "wiki:Mona_Lisa"
     assert ensure_default_index(embedder) == directory  # materialised once, then reused
     kb.close()
+
+
+# ----------------------------------------------------------------------------------------- grounded data
+
+
+def test_grounded_training_data_is_synthetic_holds_out_articles_and_cites_its_gold(built, tmp_path, capsys):
+    from chatbot.cli import main
+    from chatbot.data import jsonl_conversations
+    from retrieval.grounded_data import read_examples
+
+    out = tmp_path / "grounded"
+    assert main(["index", "training-data", "--index", str(built), "--out", str(out), "--heldout-share", "0.3",
+                 "--seed", "1"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["synthetic"] and meta["train_examples"] + meta["heldout_examples"] == 13
+    assert meta["heldout_examples"] >= 1
+    passages = {json.loads(line)["id"]: json.loads(line) for line in (out / "passages.jsonl").read_text().splitlines()}
+    train, heldout = list(read_examples(out / "train.jsonl")), list(read_examples(out / "heldout.jsonl"))
+    heldout_articles = set(json.loads((out / "meta.json").read_text())["heldout_articles"])
+    assert heldout_articles == {e["article"] for e in heldout}
+    for ex in train + heldout:
+        assert ex["synthetic"] is True and ex["turns"][-1]["speaker"] == "bot"
+        assert set(ex["knowledge"]) <= set(passages) and 1 <= len(ex["knowledge"]) <= 3
+        if ex["gold"] is not None:
+            assert ex["gold"] in ex["knowledge"]
+            reply = ex["turns"][-1]["text"]
+            fact = reply.split(". ", 1)[-1] if reply.startswith(("Sure. ", "I do. ")) else reply.split("! ", 1)[-1]
+            assert fact in passages[ex["gold"]]["text"]  # the reply states a fact from its gold passage
+    for ex in train:  # no held-out article leaks into training, neither as topic nor as a distractor
+        assert ex["article"] not in heldout_articles
+        assert not any(pid.split("#")[0] in heldout_articles for pid in ex["knowledge"])
+    assert all(ex["gold"] is not None for ex in heldout)
+    # the files are valid corpora for `chatbot train --data`
+    assert len(list(jsonl_conversations(out / "train.jsonl"))) == len(train)

@@ -1,12 +1,13 @@
 """The aiohttp application: an async factory that ``chatbot serve`` and the tests both call.
 
 External resources each get one cleanup context (acquire, yield, release): the model, Redis, the
+knowledge index (chatbot/serve/knowledge.py, which also serves the admin API under /admin), the
 batcher.  ``stop_gracefully`` shuts down in this order: the listening socket closes; new sessions and
 messages are refused with a retryable ``shutting_down`` error; in-flight replies get
 ``shutdown_grace_s`` to finish (the rest are failed with that error); every websocket is closed with
-1001 GOING_AWAY; then aiohttp's own shutdown runs and the contexts unwind in reverse: batcher, Redis,
-model.  The draining happens before aiohttp's shutdown because from then on aiohttp stops reading
-client frames, so a client could neither be told why nor complete the close handshake.
+1001 GOING_AWAY; then aiohttp's own shutdown runs and the contexts unwind in reverse: batcher,
+knowledge, Redis, model.  The draining happens before aiohttp's shutdown because from then on aiohttp
+stops reading client frames, so a client could neither be told why nor complete the close handshake.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from chatbot.generate import DecodingConfig, ReplyEngine
 from chatbot.serve.batcher import Batcher, Engine
 from chatbot.serve.config import ServeConfig
 from chatbot.serve.connection import ChatConnection
+from chatbot.serve.knowledge import admin_app, knowledge_ctx
 from chatbot.serve.metrics import ServiceMetrics
 from chatbot.serve.protocol import ErrorCode, ProtocolError
 from chatbot.serve.ratelimit import RateLimiter
@@ -171,13 +173,16 @@ async def create_app(config: ServeConfig | None = None, *, engine: Engine | None
     app[SOCKETS] = weakref.WeakSet()
     app[INFLIGHT] = set()
     # The model first: a bad --model fails before any Redis process is started.
-    app.cleanup_ctx.extend([engine_ctx(engine), redis_ctx, batcher_ctx])
+    # Knowledge after Redis (its change log lives there), before the batcher (which takes the engine
+    # with its retriever).
+    app.cleanup_ctx.extend([engine_ctx(engine), redis_ctx, knowledge_ctx, batcher_ctx])
     app.on_shutdown.append(drain_and_close)
     app.router.add_get("/", index)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.add_subapp("/admin", admin_app())
     return app
 
 

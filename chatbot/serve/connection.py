@@ -228,7 +228,8 @@ class ChatConnection:
                                 message_id=mid) from None
         finally:
             job.abandoned = True  # no effect once generated; skips a job still queued when we are cancelled
-        turn = Turn("bot", reply.text, mid, time.time(), reply_id=uuid.uuid4().hex, sources=[],
+        turn = Turn("bot", reply.text, mid, time.time(), reply_id=uuid.uuid4().hex,
+                    sources=list(getattr(reply, "sources", None) or []),
                     latency_ms=round((time.monotonic() - received) * 1000, 1))
         try:
             stored, created = await store.append_reply(self.session_id, turn)
