@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the test suite needs (a real browser for the page tests).
 TEST_DEBS := chromium chromium-driver
 
-.PHONY: install serve test bench system-deps clean default-model vanilla-baseline
+.PHONY: install serve test bench system-deps clean default-model vanilla-baseline default-kb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,3 +52,7 @@ default-model: $(STAMP)
 
 vanilla-baseline: $(STAMP)
 	$(BIN)/chatbot train --preset default-vanilla --out runs/default-vanilla --tokenizer runs/default-et/tokenizer.json $(TRAIN_FLAGS)
+
+# Re-embeds the default knowledge base's shipped vectors (retrieval/assets/wiki); minutes on 2 CPU cores.
+default-kb: $(STAMP)
+	$(BIN)/python -c "from retrieval.default_kb import write_seed; from retrieval.embedder import load_embedder; print(write_seed(load_embedder()))"

@@ -131,11 +131,8 @@ class LiveKnowledge:
                 pass
             self._task = None
         if self.index is not None:
-            if snapshot and self.position != self._snapshot_position:
-                try:
-                    await asyncio.to_thread(self._write_snapshot)
-                except Exception:
-                    log.exception("knowledge snapshot on shutdown failed (the log still has every change)")
+            if snapshot:
+                await self.maybe_snapshot(force=True)
             self.index.close()
             self.index = None
         if self._work_dir is not None:
@@ -195,10 +192,11 @@ class LiveKnowledge:
     async def maybe_snapshot(self, force: bool = False) -> None:
         due = time.monotonic() - self._last_snapshot >= self.snapshot_every_s
         if self.position != self._snapshot_position and (force or due):
-            try:
-                await asyncio.to_thread(self._write_snapshot)
-            except Exception:
-                log.exception("knowledge snapshot failed (the log still has every change)")
+            async with self._apply_lock:  # the snapshot's position must be exactly what it holds
+                try:
+                    await asyncio.to_thread(self._write_snapshot)
+                except Exception:
+                    log.exception("knowledge snapshot failed (the log still has every change)")
 
     # ------------------------------------------------------------------------------ following the log
 
@@ -230,7 +228,15 @@ class LiveKnowledge:
             if entry_key(entry_id) <= entry_key(self.position):
                 return  # catch_up and the follower may both see an entry
             fields = {_text(k): _text(v) for k, v in raw_fields.items()}
-            outcome = await asyncio.to_thread(self._apply_sync, fields)
+            applying = asyncio.ensure_future(asyncio.to_thread(self._apply_sync, fields))
+            try:
+                outcome = await asyncio.shield(applying)
+            except asyncio.CancelledError:
+                # The thread finishes the change regardless; record it before giving up, so the
+                # position always says exactly what the working copy holds.
+                outcome = await applying
+                self.position = entry_id
+                raise
             self.position = entry_id
             self.applied += 1
             self._outcomes[entry_id] = outcome
