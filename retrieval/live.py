@@ -150,6 +150,8 @@ class LiveKnowledge:
         if not self.snapshot_root.is_dir():
             return found
         for d in self.snapshot_root.iterdir():
+            if d.name.startswith("."):  # being written
+                continue
             try:
                 live = KnowledgeIndex.read_manifest(d).get("live", {})
             except (OSError, ValueError):
@@ -213,7 +215,8 @@ class LiveKnowledge:
         while True:
             try:
                 response = await self.redis.xread({LOG_KEY: self.position}, block=FOLLOW_BLOCK_MS, count=500)
-                for _, entries in response or []:
+                streams = response.items() if isinstance(response, dict) else (response or [])  # RESP3 / RESP2
+                for _, entries in streams:
                     for entry_id, fields in entries:
                         await self._apply(_text(entry_id), fields)
                 await self.maybe_snapshot()

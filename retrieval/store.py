@@ -40,8 +40,8 @@ class PassageStore:
         self.path = Path(path)
         # The caller serialises access (KnowledgeIndex's lock), so one connection may cross threads.
         self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # A rollback journal, not WAL: one connection needs no concurrent readers, and a database at rest
+        # is then one file that opens read-only anywhere (a snapshot, a read-only base directory).
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:

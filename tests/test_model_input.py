@@ -26,14 +26,16 @@ def test_without_knowledge_the_source_is_the_context_as_before():
 def test_knowledge_follows_the_context_behind_know_tokens_within_the_limit():
     ctx = turns(2)  # 11 tokens
     passages = [list(range(1000, 1040)), list(range(2000, 2040)), list(range(3000, 3040))]
-    out = join_context(ctx, 64, passages).tolist()
-    assert len(out) <= 64
-    assert out[:11] == join_context(ctx, 64).tolist()  # the whole (short) context first
+    out = join_context(ctx, 80, passages).tolist()
+    assert len(out) == 80
+    assert out[:11] == join_context(ctx, 80).tolist()  # the whole (short) context first
     assert out[11] == KNOWLEDGE_ID and out[12:52] == passages[0]  # the best passage whole
     second = out.index(KNOWLEDGE_ID, 12)
-    assert out[second + 1:] == passages[1][: 64 - second - 1]  # the next one cut from the right
+    assert second == 52 and out[53:] == passages[1][:27]  # the next one cut from the right
     assert 2000 <= out[-1] < 2040 and 3000 not in out  # no room left for a third
     assert out.count(KNOWLEDGE_ID) == 2
+    # with 16 fewer tokens the second passage would get 11 tokens of room: it is left out, not squeezed in
+    assert join_context(ctx, 64, passages).tolist().count(KNOWLEDGE_ID) == 1
 
 
 def test_a_long_context_keeps_half_the_source():

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 KNOWLEDGE = web.AppKey("knowledge", LiveKnowledge)
 MAX_DOCUMENTS_PER_CALL = 1000
-MAX_ADMIN_BODY = 8 * 1024 * 1024
 
 
 async def knowledge_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -144,9 +143,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 def admin_app() -> web.Application:
-    admin = web.Application(middlewares=[require_admin], client_max_size=MAX_ADMIN_BODY)
+    admin = web.Application(middlewares=[require_admin])
     admin.router.add_get("/knowledge", status)
     admin.router.add_post("/knowledge/passages", add_passages)
-    admin.router.add_delete("/knowledge/passages/{id}", delete_passage)
+    admin.router.add_delete("/knowledge/passages/{id:.+}", delete_passage)  # ids may contain "/"
     admin.router.add_get("/knowledge/search", search)
     return admin
