@@ -181,3 +181,22 @@ def test_a_model_built_under_inference_mode_still_decodes():
         state = model.start_decoding(model.encode(src))
         step = model.decode_step(tgt[:, :1], state)
         assert torch.allclose(step, model(src, tgt[:, :1]), atol=1e-5)
+
+
+def test_cheap_dropout_rate_scale_and_gradient():
+    from chatbot.model import Dropout, cheap_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_003, requires_grad=True)  # not a multiple of 4: the last draw is cut
+    y = cheap_dropout(x, 0.1)
+    dropped = y.eq(0)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01  # survivors scaled: the expectation is kept
+    y.sum().backward()
+    assert torch.equal(x.grad.eq(0), dropped) and torch.allclose(x.grad[~dropped], y[~dropped])
+    torch.manual_seed(0)
+    assert torch.equal(cheap_dropout(x.detach(), 0.1), y.detach())  # follows torch's seed
+    layer = Dropout(0.3).eval()
+    assert layer(x) is x
+    layer.train()
+    assert 0.27 < layer(torch.ones(100_000)).eq(0).float().mean().item() < 0.33

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatbot.train import ResumeError, TrainConfig, lr_factor, train
+from chatbot.checkpoint import Progress, rank_batches, saved_progress
+from chatbot.train import ResumeError, TrainConfig, lr_factor, machine_settings, train
 
 
 def tiny_config(out, corpus, **kw) -> TrainConfig:
@@ -25,7 +26,7 @@ def test_resume_is_exact(tmp_path, small_corpus):
     train(tiny_config(tmp_path / "straight", small_corpus, max_steps=6))
     train(tiny_config(tmp_path / "split", small_corpus, max_steps=3))
     state = json.loads((tmp_path / "split" / "train_state" / "trainer.json").read_text())
-    assert state["step"] == 3 and state["batch_pos"] == 3
+    assert state["step"] == 3 and state["progress"]["epoch_batches_done"] == 3
     train(tiny_config(tmp_path / "split", small_corpus, max_steps=6))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert a.keys() == b.keys()
@@ -98,3 +99,79 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, small_corpus
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == [1, 2, 3, 4]
+
+
+def test_resume_across_a_precision_switch(tmp_path, small_corpus):
+    """fp32 for 3 steps, then bf16 autocast to 6 (a machine with AMX next session): the run continues from
+    step 3 on its data position, and its bf16 steps really differ from fp32 ones."""
+    train(tiny_config(tmp_path / "run", small_corpus, max_steps=3, precision="fp32"))
+    train(tiny_config(tmp_path / "run", small_corpus, max_steps=6, precision="bf16"))
+    state = json.loads((tmp_path / "run" / "train_state" / "trainer.json").read_text())
+    assert state["step"] == 6 and state["progress"]["epoch_batches_done"] == 6
+    assert state["train_config"]["precision"] == "bf16"
+    train(tiny_config(tmp_path / "fp32", small_corpus, max_steps=6, precision="fp32"))
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "fp32")
+    assert not torch.equal(a["embedding.weight"], b["embedding.weight"])  # bf16 GEMMs round differently
+    assert torch.allclose(a["embedding.weight"], b["embedding.weight"], atol=5e-2)  # ... but train the same model
+
+
+def test_machine_settings_follow_the_request_and_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        forced = machine_settings(TrainConfig(out="x", precision="bf16", threads=1), cpu)
+        assert forced.amp_dtype == torch.bfloat16 and forced.threads == 1 and torch.get_num_threads() == 1
+        assert "asked for" in forced.why
+        assert machine_settings(TrainConfig(out="x", precision="fp32"), cpu).amp_dtype is None
+        for native in (True, False):
+            monkeypatch.setattr("chatbot.train.cpu_has_native_bf16", lambda native=native: native)
+            auto = machine_settings(TrainConfig(out="x"), cpu)
+            assert auto.amp_dtype == (torch.bfloat16 if native else None), auto.why
+        shared = machine_settings(TrainConfig(out="x"), cpu, local_world=64)
+        assert shared.threads == 1  # ranks on one box split its cores, at least one each
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(out="x", precision="fp8")
+
+
+def test_rank_batches_make_the_data_position_independent_of_the_process_count():
+    batches = list(range(10))
+    assert rank_batches(batches, 0, 1) == batches
+    assert rank_batches(batches, 0, 2) == [0, 2, 4, 6, 8] and rank_batches(batches, 1, 2) == [1, 3, 5, 7, 9]
+    assert rank_batches(batches, 2, 3) == [2, 5, 8]  # 9 is left over: every rank gets as many
+    # after 2 steps on 2 ranks the first 4 batches are done; 1 rank continues at its 4th batch
+    assert saved_progress({"progress": {"step": 2, "epoch": 0, "epoch_batches_done": 4}}).epoch_batches_done // 1 == 4
+    # a checkpoint written before the change (contiguous shards, per-rank position) still resumes
+    assert saved_progress({"step": 3, "epoch": 1, "batch_pos": 3, "world_size": 2}) == Progress(3, 1, 6)
+
+
+def test_snapshots_are_packed_model_directories(tmp_path, small_corpus):
+    from chatbot.modeldir import load_model
+
+    out = tmp_path / "run"
+    train(tiny_config(out, small_corpus, max_steps=4, snapshot_every=2, save_every=2))
+    snaps = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snaps == ["step-0000002", "step-0000004"]
+    two, four = (load_model(out / "snapshots" / s).model.state_dict() for s in snaps)
+    assert not torch.equal(two["embedding.weight"], four["embedding.weight"])
+    assert torch.allclose(four["embedding.weight"], weights(out)["embedding.weight"], atol=1e-3)  # fp16 of the latest
+
+
+def test_train_events_carry_cumulative_time(tmp_path, small_corpus):
+    out = tmp_path / "run"
+    train(tiny_config(out, small_corpus, max_steps=2, log_every=1))
+    train(tiny_config(out, small_corpus, max_steps=4, log_every=1))
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    cpu = [e["cpu_seconds"] for e in events]
+    assert [e["step"] for e in events] == [1, 2, 3, 4] and cpu == sorted(cpu) and cpu[0] > 0
+
+
+def test_a_fresh_start_forgets_metrics_of_a_run_that_never_checkpointed(tmp_path, small_corpus):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 20, "loss": 9.0}) + "\n")
+    train(tiny_config(out, small_corpus, max_steps=2, log_every=1))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == [1, 2]
