@@ -115,7 +115,7 @@ def run_coldstart(args: argparse.Namespace) -> dict:
 def run_ann(args: argparse.Namespace) -> dict:
     import faiss
 
-    from retrieval.vector_index import VectorIndex, resolve_factory
+    from retrieval.vector_index import AUTO_EXACT_MAX, VectorIndex, ivf_lists_for, resolve_factory
 
     dim, n, k = 384, args.n, 10
     rng = np.random.default_rng(0)
@@ -128,7 +128,8 @@ def run_ann(args: argparse.Namespace) -> dict:
           f"faiss threads {faiss.omp_get_max_threads()}", flush=True)
     exact = VectorIndex.create(dim, "flat")
     exact.add(x, keys)
-    factory = args.index_type or resolve_factory("auto", n)
+    # What `auto` builds at this size; below its exact threshold, the IVF it would build at the threshold's rule.
+    factory = args.index_type or (resolve_factory("auto", n) if n >= AUTO_EXACT_MAX else f"IVF{ivf_lists_for(n)},Flat")
     t0 = time.perf_counter()
     approx = VectorIndex.create(dim, factory, x, nprobe=32)
     t_train = time.perf_counter() - t0
