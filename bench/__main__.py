@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench.bench_decoding_quality",
     "bench.bench_service",
     "bench.bench_knowledge",
+    "bench.bench_compress",
 ]
 
 

@@ -166,7 +166,8 @@ def run_ann(args: argparse.Namespace) -> dict:
 
 
 def run_live(args: argparse.Namespace) -> dict:
-    from chatbot.serve.redis_backend import RedisProcess, open_redis
+    from chatbot.serve.redis_backend import open_redis
+    from chatbot.testing import RedisProcess
     from retrieval.documents import Document, wiki_documents
     from retrieval.embedder import load_embedder
     from retrieval.knowledge import KnowledgeIndex

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from bench.common import header, write_json
 from chatbot.client import ChatClient, ChatError
 from chatbot.serve.config import ServeConfig
-from chatbot.serve.redis_backend import RedisProcess, free_port
+from chatbot.testing import RedisProcess, free_port
 from chatbot.serve.sessions import SessionStore
 
 # Openers and follow-ups of the kind the chitchat corpus holds; session s, message m says LINES[(s + m) % n].

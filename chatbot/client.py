@@ -4,6 +4,8 @@ client it is built on (the benchmarks use it too).
 Interactive: a prompt per message and the reply streamed as it is generated.  Piped stdin: one
 message per line in, one reply per line out.  A retryable error or a dropped connection is retried
 with the same message id (the server stores each message once), reconnecting to the same session.
+If that session expires while chatting, a new one starts and the message is sent again there.
+Frames and error codes come from ``chatbot.serve.protocol``, the module the server uses.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-log = logging.getLogger(__name__)
+from chatbot.serve.protocol import SESSION_GONE, ErrorCode, hello_frame, message_frame
 
-PROTOCOL_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class ChatError(RuntimeError):
@@ -52,6 +54,7 @@ class ChatClient:
                  http: aiohttp.ClientSession | None = None):
         self.url, self.session_id, self.retries = websocket_url(url), session_id, retries
         self.history: list[dict[str, Any]] = []  # as of the last session frame
+        self.expired: list[str] = []  # sessions that expired while in use, oldest first
         self._http, self._own_http = http, http is None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
@@ -85,10 +88,7 @@ class ChatClient:
         for attempt in range(self.retries + 1):
             try:
                 self._ws = await self._http.ws_connect(self.url, heartbeat=30.0)
-                hello: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION}
-                if self.session_id:
-                    hello["session_id"] = self.session_id
-                await self._ws.send_json(hello)
+                await self._ws.send_json(hello_frame(self.session_id or None))
                 frame = await self._receive()
             except (aiohttp.ClientError, ConnectionError) as e:
                 log.debug("connect attempt %d failed: %s", attempt + 1, e)
@@ -115,7 +115,7 @@ class ChatClient:
                 if self._ws is None or self._ws.closed:
                     await self.connect()
                 assert self._ws is not None
-                await self._ws.send_json({"type": "message", "message_id": message_id, "text": text})
+                await self._ws.send_json(message_frame(message_id, text))
                 while True:
                     frame = await self._receive()
                     if frame.get("message_id") not in (None, message_id):
@@ -126,6 +126,14 @@ class ChatClient:
                         return frame
                     elif frame["type"] == "error":
                         last_error = ChatError(frame["code"], frame["message"], frame["retryable"])
+                        if frame["code"] == ErrorCode.UNKNOWN_SESSION and self.session_id:
+                            # The session expired while in use: start a new one and send the message there.
+                            log.warning("session %s expired; starting a new one", self.session_id)
+                            self.expired.append(self.session_id)
+                            self.session_id = None
+                            await self._ws.close()
+                            self._ws = None
+                            break
                         if not frame["retryable"]:
                             raise last_error
                         await asyncio.sleep(frame.get("retry_after_ms", 250 * 2**attempt) / 1000)
@@ -153,6 +161,7 @@ async def _chat(args: argparse.Namespace) -> int:
         if interactive:
             for turn in client.history:
                 print(f"{'you' if turn['role'] == 'user' else 'bot'}> {turn['text']}")
+        announced_expiry = None
         while True:
             if interactive:
                 print("you> ", end="", flush=True)
@@ -173,9 +182,13 @@ async def _chat(args: argparse.Namespace) -> int:
                 reply = await client.say(text, on_piece=show)
             except ChatError as e:
                 print(f"\nerror: {e}", file=sys.stderr)
-                if e.code in ("unknown_session", "invalid_session_id"):
+                if e.code in SESSION_GONE:
                     return 2
                 continue
+            if client.expired and client.expired[-1] != announced_expiry:
+                announced_expiry = client.expired[-1]
+                print(f"session {announced_expiry} expired; new session {client.session_id} "
+                      f"(resume with --session {client.session_id})", file=sys.stderr)
             if not interactive:
                 print(reply["text"], flush=True)
             elif "".join(streamed) != reply["text"]:  # replayed, or a retry after a partial stream

@@ -38,8 +38,24 @@ class ModelConfig:
     # so an engine with a retriever only reports the passages it found as sources.
     knowledge_passages: int = 0
     model_type: str = "evolved_transformer_chat"  # marker in config.json
+    # Written by structured pruning (chatbot.compress); None means the architecture's own widths.
+    # One entry per layer, encoder layers first, then decoder layers.
+    ffn_widths: tuple[int, ...] | None = None  # inner FFN units (default 4d)
+    conv_widths: tuple[tuple[int, int], ...] | None = None  # ET only: (mid, narrow) channels of the branched convs
+    quantization: str | None = None  # "int8": linear layers are dynamically quantized (see chatbot.compress)
+    compression: dict[str, Any] | None = None  # provenance: what chatbot compress did, for people reading config.json
 
     def __post_init__(self) -> None:
+        # JSON gives lists; a frozen config keeps tuples.
+        if self.ffn_widths is not None:
+            object.__setattr__(self, "ffn_widths", tuple(int(w) for w in self.ffn_widths))
+        if self.conv_widths is not None:
+            object.__setattr__(self, "conv_widths", tuple((int(m), int(n)) for m, n in self.conv_widths))
+        self._check_widths()
+        if self.quantization not in (None, "int8"):
+            raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")
+        if self.compression is not None and not isinstance(self.compression, dict):
+            raise ConfigError("compression must be an object (or null)")
         if self.block_type not in ("evolved", "vanilla"):
             raise ConfigError(f"block_type must be 'evolved' or 'vanilla', got {self.block_type!r}")
         if self.d_model <= 0 or self.d_model % self.n_heads:
@@ -63,13 +79,45 @@ class ModelConfig:
         if self.max_source_len < 1 or self.max_target_len < 2:
             raise ConfigError("max_source_len must be >= 1 and max_target_len >= 2")
 
+    def _check_widths(self) -> None:
+        layers = self.n_encoder_layers + self.n_decoder_layers
+        if self.ffn_widths is not None:
+            if len(self.ffn_widths) != layers or min(self.ffn_widths, default=1) < 1:
+                raise ConfigError(f"ffn_widths needs {layers} positive entries (encoder layers, then decoder "
+                                  f"layers), got {list(self.ffn_widths)}")
+        if self.conv_widths is not None:
+            if self.block_type != "evolved":
+                raise ConfigError("conv_widths applies to the Evolved Transformer only")
+            if len(self.conv_widths) != layers:
+                raise ConfigError(f"conv_widths needs {layers} (mid, narrow) entries, got {len(self.conv_widths)}")
+            for i, (mid, narrow) in enumerate(self.conv_widths):
+                if not 1 <= narrow <= min(mid, self.d_model // 2):
+                    raise ConfigError(f"conv_widths[{i}] = ({mid}, {narrow}): need "
+                                      f"1 <= narrow <= min(mid, d_model/2)")
+
+    def ffn_width(self, layer: int) -> int:
+        """Inner FFN width of ``layer`` (encoder layers first, then decoder layers)."""
+        return self.ffn_widths[layer] if self.ffn_widths is not None else 4 * self.d_model
+
+    def conv_width(self, layer: int) -> tuple[int, int]:
+        """(mid, narrow) channels of an ET layer's branched convs: the summed width and the narrow
+        branch's, which adds into the first ``narrow`` mid channels.  Unpruned: (4d, d/2) in the
+        encoder, (2d, d/2) in the decoder."""
+        if self.conv_widths is not None:
+            return self.conv_widths[layer]
+        encoder = layer < self.n_encoder_layers
+        return (4 if encoder else 2) * self.d_model, self.d_model // 2
+
     @property
     def self_attention_heads(self) -> int:
         """Heads of the ET decoder's first (wide) self-attention: max(min(2H, 16), H)."""
         return max(min(2 * self.n_heads, 16), self.n_heads)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the compression ones while unset, so an uncompressed model's config.json
+        stays what older versions wrote and read."""
+        optional = ("ffn_widths", "conv_widths", "quantization", "compression")
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in optional and v is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

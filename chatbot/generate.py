@@ -55,7 +55,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -168,7 +168,8 @@ class Reply:
     all_filtered: bool  # every candidate was dropped; ``text`` is the fallback (see the module docstring)
     # Of the call until this reply was final: retrieve_s, tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
     timings: dict[str, float]
-    sources: list[dict] = field(default_factory=list)  # the passages retrieved for this reply (KnowledgePassage.source())
+    # The passages retrieved for this reply, one dict each (KnowledgePassage.source(): id, title, url, ...).
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -206,6 +207,11 @@ def check_contexts(contexts: object) -> list[list[str]]:
                 raise GenerationError(f"context {i}, turn {j}: expected a string, got {type(turn).__name__}")
             if not turn.strip():
                 raise GenerationError(f"context {i}, turn {j} is empty or whitespace only; drop the turn or send text")
+            try:
+                turn.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer would fail the whole batch
+                raise GenerationError(f"context {i}, turn {j} is not valid Unicode ({e.reason} at character "
+                                      f"{e.start}); replace unpaired surrogates") from None
             if len(turn) > MAX_TURN_CHARS:
                 raise GenerationError(f"context {i}, turn {j} has {len(turn)} characters; the limit is "
                                       f"{MAX_TURN_CHARS} (the model reads only a context's last tokens)")

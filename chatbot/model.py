@@ -195,13 +195,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """d -> 4d -> d.  ``inner_norm`` adds the ET decoder's LN_4d before the down projection."""
+    """d -> width -> d (width 4d unless pruned).  ``inner_norm`` adds the ET decoder's LN_4d before the
+    down projection."""
 
-    def __init__(self, d: int, dropout: float, activation: str, inner_norm: bool = False):
+    def __init__(self, d: int, dropout: float, activation: str, inner_norm: bool = False, width: int | None = None):
         super().__init__()
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        width = width or 4 * d
+        self.up, self.down = nn.Linear(d, width), nn.Linear(width, d)
         self.act = F.silu if activation == "swish" else F.relu
-        self.norm = layer_norm(4 * d) if inner_norm else nn.Identity()
+        self.norm = layer_norm(width) if inner_norm else nn.Identity()
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -319,22 +321,25 @@ class DecoderState:
 
 
 class EvolvedEncoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``layer`` picks this block's inner widths from the config (they differ only after pruning)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         d = cfg.d_model
         self.d = d
+        self.mid, narrow = cfg.conv_width(layer)  # (4d, d/2) unpruned
         self.drop = Dropout(cfg.dropout)
         self.glu_norm = layer_norm(d)
         self.glu_value, self.glu_gate = nn.Linear(d, d), nn.Linear(d, d)
         self.conv_norm = layer_norm(d)
-        self.conv_left = nn.Linear(d, 4 * d)
-        self.conv_right = nn.Conv1d(d, d // 2, kernel_size=3, padding=1)
-        self.conv_mid_norm = layer_norm(4 * d)
-        self.conv_out = SeparableConv1d(4 * d, d // 2, kernel_size=9)
+        self.conv_left = nn.Linear(d, self.mid)
+        self.conv_right = nn.Conv1d(d, narrow, kernel_size=3, padding=1)
+        self.conv_mid_norm = layer_norm(self.mid)
+        self.conv_out = SeparableConv1d(self.mid, d // 2, kernel_size=9)
         self.attn_norm = layer_norm(d)
         self.attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.ffn_norm = layer_norm(d)
-        self.ffn = FeedForward(d, cfg.dropout, "relu")
+        self.ffn = FeedForward(d, cfg.dropout, "relu", width=cfg.ffn_width(layer))
 
     def forward(self, x: Tensor, enc_padding: Tensor, attn_mask: Tensor) -> Tensor:
         pad = enc_padding[..., None]  # (B, S, 1)
@@ -344,7 +349,7 @@ class EvolvedEncoderBlock(nn.Module):
         y = self.conv_norm(x).masked_fill(pad, 0.0)
         left = self.drop(F.relu(self.conv_left(y)))  # (B, S, 4d)
         right = self.drop(F.relu(self.conv_right(y.transpose(1, 2)).transpose(1, 2)))  # (B, S, d/2)
-        y = self.conv_mid_norm(left + pad_channels(right, 4 * self.d)).masked_fill(pad, 0.0)
+        y = self.conv_mid_norm(left + pad_channels(right, self.mid)).masked_fill(pad, 0.0)
         x = x + self.drop(pad_channels(self.conv_out.same(y), self.d))  # only the first d/2 channels change
 
         y = self.attn_norm(x)
@@ -354,14 +359,14 @@ class EvolvedEncoderBlock(nn.Module):
 
 
 class VanillaEncoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         d = cfg.d_model
         self.drop = Dropout(cfg.dropout)
         self.attn_norm = layer_norm(d)
         self.attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.ffn_norm = layer_norm(d)
-        self.ffn = FeedForward(d, cfg.dropout, "relu")
+        self.ffn = FeedForward(d, cfg.dropout, "relu", width=cfg.ffn_width(layer))
 
     def forward(self, x: Tensor, enc_padding: Tensor, attn_mask: Tensor) -> Tensor:
         y = self.attn_norm(x)
@@ -378,26 +383,28 @@ class EvolvedDecoderBlock(nn.Module):
 
     LEFT_KERNEL, RIGHT_KERNEL, OUT_KERNEL = 11, 7, 7
 
-    def __init__(self, cfg: ModelConfig, cross_attention: bool = True):
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = True, layer: int | None = None):
         super().__init__()
         d = cfg.d_model
+        layer = cfg.n_encoder_layers if layer is None else layer  # index over encoder, then decoder layers
         self.d, self.cross_attention = d, cross_attention
+        self.mid, narrow = cfg.conv_width(layer)  # (2d, d/2) unpruned
         self.drop = Dropout(cfg.dropout)
         self.attn1_norm = layer_norm(d)
         self.wide_self_attn = Attention(d, cfg.self_attention_heads, cfg.attention_dropout)
         self.enc_attn1 = Attention(d, cfg.n_heads, cfg.attention_dropout) if cross_attention else None
         self.conv_norm = layer_norm(d)
-        self.conv_left = SeparableConv1d(d, 2 * d, self.LEFT_KERNEL)
-        self.conv_right = SeparableConv1d(d, d // 2, self.RIGHT_KERNEL)
-        self.conv_mid_norm = layer_norm(2 * d)
-        self.conv_out = SeparableConv1d(2 * d, d, self.OUT_KERNEL)
+        self.conv_left = SeparableConv1d(d, self.mid, self.LEFT_KERNEL)
+        self.conv_right = SeparableConv1d(d, narrow, self.RIGHT_KERNEL)
+        self.conv_mid_norm = layer_norm(self.mid)
+        self.conv_out = SeparableConv1d(self.mid, d, self.OUT_KERNEL)
         self.attn3_norm = layer_norm(d)
         self.self_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         if cross_attention:
             self.attn4_norm = layer_norm(d)
             self.enc_attn2 = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.ffn_norm = layer_norm(d)
-        self.ffn = FeedForward(d, cfg.dropout, "swish", inner_norm=True)
+        self.ffn = FeedForward(d, cfg.dropout, "swish", inner_norm=True, width=cfg.ffn_width(layer))
 
     def encoder_kv(self, memory: Tensor) -> dict[str, Tensor]:
         k1, v1 = self.enc_attn1.project_kv(memory)
@@ -410,7 +417,7 @@ class EvolvedDecoderBlock(nn.Module):
                           past={**empty_past(self.wide_self_attn, "wide", rows, capacity, memory),
                                 **empty_past(self.self_attn, "self", rows, capacity, memory)},
                           windows={"win1": memory.new_zeros(rows, self.LEFT_KERNEL - 1, self.d),
-                                   "win2": memory.new_zeros(rows, self.OUT_KERNEL - 1, 2 * self.d)})
+                                   "win2": memory.new_zeros(rows, self.OUT_KERNEL - 1, self.mid)})
 
     def forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None, step: StepInput | None = None) -> Tensor:
         """A full (teacher-forced) pass over ``x`` (B, T, d) reading encoder states ``enc`` (B, S, d), or,
@@ -433,7 +440,7 @@ class EvolvedDecoderBlock(nn.Module):
             windows["win1"] = window[:, -(self.LEFT_KERNEL - 1):]
             left, right = (conv.last(window) if y.shape[1] == 1 else conv(window[:, self.LEFT_KERNEL - conv.kernel_size:])
                            for conv in (self.conv_left, self.conv_right))
-        y = self.conv_mid_norm(self.drop(F.relu(left)) + pad_channels(self.drop(right), 2 * self.d))  # (B, T, 2d)
+        y = self.conv_mid_norm(self.drop(F.relu(left)) + pad_channels(self.drop(right), self.mid))  # (B, T, 2d)
         if step is None:
             y = self.conv_out.causal(y)
         else:
@@ -449,9 +456,10 @@ class EvolvedDecoderBlock(nn.Module):
 
 
 class VanillaDecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, cross_attention: bool = True):
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = True, layer: int | None = None):
         super().__init__()
         d = cfg.d_model
+        layer = cfg.n_encoder_layers if layer is None else layer
         self.cross_attention = cross_attention
         self.drop = Dropout(cfg.dropout)
         self.self_norm = layer_norm(d)
@@ -460,7 +468,7 @@ class VanillaDecoderBlock(nn.Module):
             self.enc_norm = layer_norm(d)
             self.enc_attn = Attention(d, cfg.n_heads, cfg.attention_dropout)
         self.ffn_norm = layer_norm(d)
-        self.ffn = FeedForward(d, cfg.dropout, "relu")
+        self.ffn = FeedForward(d, cfg.dropout, "relu", width=cfg.ffn_width(layer))
 
     def encoder_kv(self, memory: Tensor) -> dict[str, Tensor]:
         k, v = self.enc_attn.project_kv(memory)
@@ -508,9 +516,9 @@ class ChatModel(nn.Module):
         }[cfg.block_type]
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = Dropout(cfg.dropout)
-        self.encoder = nn.ModuleList(encoder_block(cfg) for _ in range(cfg.n_encoder_layers))
+        self.encoder = nn.ModuleList(encoder_block(cfg, layer=i) for i in range(cfg.n_encoder_layers))
         self.encoder_norm = layer_norm(cfg.d_model)
-        self.decoder = nn.ModuleList(decoder_block(cfg) for _ in range(cfg.n_decoder_layers))
+        self.decoder = nn.ModuleList(decoder_block(cfg, layer=cfg.n_encoder_layers + i) for i in range(cfg.n_decoder_layers))
         self.decoder_norm = layer_norm(cfg.d_model)
         self._position_table: Tensor | None = None
         self._output_weight: tuple[tuple, Tensor] | None = None  # see step_logits()

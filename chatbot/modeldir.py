@@ -2,6 +2,8 @@
 
 The shipped default model lives in the package (``chatbot/assets/default``) so chat and serving work
 offline with no training step.  Weights may be stored in fp16 to halve the size; they load as fp32.
+A compressed directory (``chatbot compress``) loads the same way: its config.json carries the pruned
+widths and, for int8, ``quantization``, and the weights are rebuilt into quantized modules.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ def save_model(model: ChatModel, tokenizer: ChatTokenizer, directory: str | Path
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG)
     tokenizer.save(directory / TOKENIZER)
-    state = {k: (v.detach().to(dtype) if dtype else v.detach()).cpu().contiguous()
-             for k, v in model.state_dict().items()}
+    if model.config.quantization:  # int8 values + scales; chatbot.compress rebuilds them on load
+        from chatbot.compress import int8_state_dict
+
+        state = {k: v.cpu() for k, v in int8_state_dict(model, dtype).items()}
+    else:
+        state = {k: (v.detach().to(dtype) if dtype else v.detach()).cpu().contiguous()
+                 for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS)  # a crash mid-write never leaves a torn model file
@@ -56,7 +63,19 @@ def load_model(directory: str | Path | None = None, device: str | torch.device =
     tokenizer = ChatTokenizer.load(directory / TOKENIZER)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelDirError(f"{directory}: tokenizer has {tokenizer.vocab_size} entries but the model {config.vocab_size}")
-    model = ChatModel(config)
-    state = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
-    model.load_state_dict(state)
+    state = load_file(str(directory / WEIGHTS))
+    if config.quantization:
+        from chatbot.compress import load_int8_state
+
+        if torch.device(device).type != "cpu":
+            raise ModelDirError(f"{directory}: an int8 model runs on the CPU only, not on {device}")
+        with torch.device("meta"):  # the quantized layers replace the float ones before any memory is used
+            model = ChatModel(config)
+        try:
+            load_int8_state(model, state, str(directory / WEIGHTS))
+        except ValueError as e:
+            raise ModelDirError(str(e)) from None
+    else:
+        model = ChatModel(config)  # pruned widths, if any, come from the config
+        model.load_state_dict({k: v.float() for k, v in state.items()})
     return LoadedModel(model.to(device).eval(), tokenizer, directory)

@@ -246,7 +246,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 class Trainer:
     """One training run: set up (or resume) in ``__init__``, then ``run()`` until ``max_steps``."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, initial_model: ChatModel | None = None):
         self.cfg = cfg
         device = pick_device(cfg)
         self.ddp = ddp = Distributed.from_env(device.type)
@@ -266,10 +266,16 @@ class Trainer:
         if not ddp.is_main:
             self.tokenizer, splits = prepare_data(cfg, out)  # cached: loads what rank 0 wrote
 
-        self.model_cfg = model_cfg = cfg.model_config(self.tokenizer.vocab_size)
+        if initial_model is not None:
+            if ddp.world > 1:
+                raise ValueError("training from an initial model runs in one process, not under torchrun")
+            if initial_model.config.vocab_size < self.tokenizer.vocab_size:
+                raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} entries but the model "
+                                 f"{initial_model.config.vocab_size}")
+        self.model_cfg = model_cfg = initial_model.config if initial_model is not None else cfg.model_config(self.tokenizer.vocab_size)
         saved = checkpoint.check_resume(out, cfg, model_cfg)
         torch.manual_seed(cfg.seed)
-        self.raw_model = ChatModel(model_cfg).to(device)
+        self.raw_model = (initial_model if initial_model is not None else ChatModel(model_cfg)).to(device)
         self.progress = checkpoint.restore(out, saved, self.raw_model, device) if saved else Progress()
         self.sharded = cfg.fsdp and ddp.world > 1
         self.model = self.wrap(self.raw_model)
@@ -419,6 +425,11 @@ class Window:
         self.tokens += tokens
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train until ``max_steps``; returns the final validation result (and writes everything to cfg.out)."""
-    return Trainer(cfg).run()
+def train(cfg: TrainConfig, initial_model: ChatModel | None = None) -> dict:
+    """Train until ``max_steps``; returns the final validation result (and writes everything to cfg.out).
+
+    ``initial_model`` (single process only) starts from that model, its config and weights, instead of a
+    fresh preset model, and trains it in place: ``chatbot compress`` fine-tunes a pruned model with it
+    (the pruning masks' hooks stay active, so pruned weights stay zero).  cfg.tokenizer must be its
+    tokenizer."""
+    return Trainer(cfg, initial_model).run()

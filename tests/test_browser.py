@@ -1,5 +1,6 @@
 """The web page in a real headless Chromium (Debian's, driven by Selenium), against a real
-`chatbot serve` process with its embedded Redis; and the terminal client against the same process."""
+`chatbot serve` process with its embedded Redis, under the service's Content-Security-Policy and
+Origin check; and the terminal client against the same process."""
 
 from __future__ import annotations
 
@@ -11,17 +12,31 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from chatbot.serve.redis_backend import free_port
+from chatbot.testing import free_port
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    log: Path
+
+    def redis(self):
+        """A client of the server's embedded Redis (its socket path is in the server's log)."""
+        import redis
+
+        line = next(line for line in self.log.read_text().splitlines() if "embedded Redis on " in line)
+        return redis.Redis(unix_socket_path=line.split("embedded Redis on ")[1].split(",")[0])
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     data = tmp_path_factory.mktemp("serve-data")
     # A file, not a pipe: nobody reads the server's output while it runs, and a full pipe would block it.
@@ -44,7 +59,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 time.sleep(0.1)
         else:
             pytest.fail("chatbot serve never became ready")
-        yield url
+        yield Server(url, log_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -66,6 +81,7 @@ def browser(tmp_path: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages, CSP reports included
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
                  f"--user-data-dir={tmp_path / 'profile'}"):
@@ -78,12 +94,17 @@ def browser(tmp_path: Path):
         driver.quit()
 
 
-def test_page_streams_a_reply_and_resumes_after_reload(server: str, browser) -> None:
+def test_page_streams_a_reply_and_resumes_after_reload(server: Server, browser) -> None:
+    """Under the page's own CSP (which forbids inline script): the page still works."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    with urllib.request.urlopen(server.url + "/", timeout=10) as resp:
+        csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
     wait = WebDriverWait(browser, 60)
-    browser.get(server + "/")
+    browser.get(server.url + "/")
     wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
     assert browser.find_element(By.ID, "status").text == "new conversation"
 
@@ -105,9 +126,55 @@ def test_page_streams_a_reply_and_resumes_after_reload(server: str, browser) -> 
              for el in browser.find_elements(By.CSS_SELECTOR, ".turn")]
     assert turns == [("user", "hello, who are you?"), ("bot", reply_text)]
 
+    # Nothing the page does was blocked by the policy ...
+    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert refused == []
+    # ... and the policy is in force: an inline script injected into the page does not run.
+    ran = browser.execute_script("const s = document.createElement('script');"
+                                 "s.textContent = 'window.inlineRan = true;';"
+                                 "document.head.appendChild(s); return window.inlineRan === true;")
+    assert ran is False
+    assert any("Content Security Policy" in e["message"] for e in browser.get_log("browser"))
 
-def test_terminal_client_chats_and_resumes(server: str) -> None:
-    cmd = [sys.executable, "-m", "chatbot.cli", "client", server]
+
+def test_page_starts_a_new_session_when_its_session_expired(server: Server, browser) -> None:
+    """The session's keys expire while the page is open: the next message starts a new session, the
+    page says so, and the message is sent again there instead of being lost."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+    browser.find_element(By.ID, "input").send_keys("first message")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '.turn.bot[data-state="done"]'))
+    old = browser.execute_script("return localStorage.getItem('chatbot.session_id')")
+
+    client = server.redis()
+    try:
+        assert client.delete(*[f"chat:{{{old}}}:{k}" for k in ("meta", "turns", "ids")]) == 3  # what the TTL does
+    finally:
+        client.close()
+
+    browser.find_element(By.ID, "input").send_keys("are you still there?")
+    browser.find_element(By.ID, "send").click()
+
+    def settled(d):
+        turns = d.find_elements(By.CSS_SELECTOR, ".turn")
+        return len(turns) == 2 and turns[1].get_attribute("data-state") in ("done", "error") and turns
+
+    user, bot = wait.until(settled)
+    assert bot.get_attribute("data-state") == "done" and bot.find_element(By.CLASS_NAME, "text").text.strip()
+    assert user.text == "are you still there?"
+    assert "expired" in browser.find_element(By.CLASS_NAME, "notice").text
+    assert "expired" in browser.find_element(By.ID, "status").text
+    new = browser.execute_script("return localStorage.getItem('chatbot.session_id')")
+    assert new and new != old
+
+
+def test_terminal_client_chats_and_resumes(server: Server) -> None:
+    cmd = [sys.executable, "-m", "chatbot.cli", "client", server.url]
     first = subprocess.run(cmd, input="hi there\nhow are you?\n", capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
     replies = first.stdout.splitlines()

@@ -90,6 +90,7 @@ def test_temperature_zero_error_says_what_to_do():
     ([["hi", 3]], "context 0, turn 1: expected a string"),
     (["hi"], "context 0 must be a list"),
     ([["x" * 10_001]], "the limit is 10000"),
+    ([["hi"], ["ok", "lone \ud800 surrogate"]], "context 1, turn 1 is not valid Unicode"),
 ])
 def test_bad_contexts_are_refused(engine, contexts, message):
     with pytest.raises(GenerationError, match=message):

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from test_service_support import Conn, engine, run, served, service_config  # noqa: F401  (fixtures)
 
-from chatbot.serve.redis_backend import RedisProcess
+from chatbot.testing import RedisProcess
 from retrieval.knowledge import KnowledgeIndex
 from tests.knowledge_support import NEW_FACT, small_wiki, write_jsonl
 

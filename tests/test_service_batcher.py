@@ -134,15 +134,19 @@ class FailsAfterFirstReply(ScriptedEngine):
 
 
 def test_an_error_after_an_early_reply_fails_only_the_jobs_still_waiting() -> None:
+    engine = FailsAfterFirstReply()
+
     async def scenario() -> None:
-        b = batcher(FailsAfterFirstReply())
+        b = batcher(engine)
         first, second = b.submit(["a"]), b.submit(["b"])
         b.start()
         assert (await first.result()).text == "echo a"  # finished once, with its reply
+        # The second had streamed its pieces already, so it cannot be retried: it fails.
         with pytest.raises(RuntimeError, match="exploded"):
             await second.result()
-        assert first._events.empty()  # no second end marker was queued for the finished job
+        assert [p async for p in first.pieces()] == []  # no second end marker was queued for it
         await b.close()
+        assert engine.batches == [["a", "b"]]
 
     run(scenario())
 
@@ -160,18 +164,56 @@ def test_pieces_stream_in_order_and_add_up_to_the_reply() -> None:
     run(scenario())
 
 
-def test_an_engine_error_fails_its_batch_and_the_batcher_goes_on() -> None:
+def test_a_poisoned_job_fails_alone_and_its_batch_mates_are_answered() -> None:
+    """One job whose context makes the batched call fail (as a lone surrogate once made the tokenizer
+    fail) must not fail the others: they are retried without it."""
     engine = ScriptedEngine(fail_on="boom")
 
     async def scenario() -> None:
-        b = batcher(engine)
-        bad, bystander = b.submit(["boom"]), b.submit(["fine"])
+        b = batcher(engine, max_batch_size=8)
+        healthy = [b.submit([f"fine {i}"]) for i in range(7)]
+        bad = b.submit(["boom"])
+        healthy.insert(5, healthy.pop())  # the offender sits among them, not at an edge
         b.start()
-        for job in (bad, bystander):
-            with pytest.raises(RuntimeError, match="model exploded"):
-                await job.result()
-        assert (await b.submit(["later"]).result()).text == "echo later"
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await bad.result()
+        assert sorted([(await job.result()).text for job in healthy]) == sorted(f"echo fine {i}" for i in range(7))
+        assert (await b.submit(["later"]).result()).text == "echo later"  # and the batcher goes on
         await b.close()
+        assert len(engine.batches[0]) == 8  # one batch first; bisection found the offender after
+        assert engine.batches[-1] == ["later"]
+        assert sum(batch == ["boom"] for batch in engine.batches) == 1
+        assert len(engine.batches) <= 1 + 2 * 3 + 1  # about 2 log2(8) retries, not one call per job
+
+    run(scenario())
+
+
+class StreamsThenFails(ScriptedEngine):
+    """Streams a piece of the first context's reply, then fails when "boom" is in the batch."""
+
+    def reply(self, contexts, config, *, on_piece=None, **kw):
+        self.batches.append([c[-1] for c in contexts])
+        on_piece(0, "half a reply")
+        if any(c[-1] == "boom" for c in contexts):
+            raise RuntimeError("model exploded mid-stream")
+        return ScriptedEngine.reply(self, contexts, config, **kw)
+
+
+def test_a_job_that_already_streamed_fails_instead_of_streaming_twice() -> None:
+    engine = StreamsThenFails()
+
+    async def scenario() -> None:
+        b = batcher(engine)
+        streamed, bad, fine = b.submit(["streamer"]), b.submit(["boom"]), b.submit(["fine"])
+        b.start()
+        assert [p async for p in streamed.pieces()] == ["half a reply"]
+        with pytest.raises(RuntimeError, match="mid-stream"):
+            await streamed.result()
+        with pytest.raises(RuntimeError, match="mid-stream"):
+            await bad.result()
+        assert (await fine.result()).text == "echo fine"
+        await b.close()
+        assert "streamer" not in [c for batch in engine.batches[1:] for c in batch]
 
     run(scenario())
 
@@ -195,7 +237,7 @@ def test_full_queue_is_busy_abandoned_jobs_are_skipped_and_close_fails_the_rest(
         assert b.full()
         with pytest.raises(Busy):
             b.submit(["d"])
-        skipped.abandoned = True
+        skipped.abandon()
         b.start()
         assert (await first.result()).text == "echo a" and (await third.result()).text == "echo c"
         assert engine.batches == [["a", "c"]]

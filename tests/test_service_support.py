@@ -1,10 +1,14 @@
 """Shared parts of the service tests (no tests here): the tiny model's engine, a Redis process, an app
-served over loopback, and a raw protocol client that shows every frame."""
+served over loopback, a protocol client that shows every frame, and a websocket client written out
+by hand for what aiohttp's own client will not do (stay silent after a close frame)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import struct
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -18,7 +22,7 @@ from aiohttp import web
 from chatbot.generate import ReplyEngine
 from chatbot.serve.app import start_runner, stop_gracefully
 from chatbot.serve.config import ServeConfig
-from chatbot.serve.redis_backend import RedisProcess
+from chatbot.testing import RedisProcess
 from chatbot.serve.state import METRICS
 
 # Tiny decoding so a reply takes milliseconds on the tiny model.
@@ -106,9 +110,9 @@ class Conn:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str) -> AsyncIterator[Conn]:
+    async def open(cls, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[Conn]:
         async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(url, heartbeat=None) as ws:
+            async with http.ws_connect(url, heartbeat=None, headers=headers) as ws:
                 yield cls(http, ws)
 
     async def send(self, frame: Any) -> None:
@@ -152,3 +156,54 @@ def seen_history(frames_per_message: list[list[dict[str, Any]]], texts: list[str
         out.append(("user", text))
         out.append(("bot", frames[-1]["text"]))
     return out
+
+
+class RawWebSocket:
+    """A websocket client over a bare TCP stream (RFC 6455 by hand): frames go out exactly as given,
+    and nothing is answered unless the test says so."""
+
+    TEXT, CLOSE = 0x1, 0x8
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, url: str) -> RawWebSocket:
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    async def send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n))
+        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        await self.writer.drain()
+
+    async def send_json(self, frame: dict[str, Any]) -> None:
+        await self.send_frame(self.TEXT, json.dumps(frame).encode())
+
+    async def recv_frame(self, timeout: float = 30.0) -> tuple[int, bytes]:
+        """(opcode, payload) of the next frame from the server (servers do not mask)."""
+        async def read() -> tuple[int, bytes]:
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            return b0 & 0x0F, await self.reader.readexactly(n)
+        return await asyncio.wait_for(read(), timeout)
+
+    async def recv_json(self, timeout: float = 30.0) -> dict[str, Any]:
+        opcode, payload = await self.recv_frame(timeout)
+        assert opcode == self.TEXT, (opcode, payload)
+        return json.loads(payload)
+
+    def close(self) -> None:
+        self.writer.close()

@@ -13,7 +13,8 @@ from test_service_support import redis_server, run  # noqa: F401  (fixture)
 
 from chatbot.model_input import MAX_CONTEXT_TURNS
 from chatbot.serve.protocol import SESSION_ID_RE
-from chatbot.serve.redis_backend import RedisProcess, open_redis
+from chatbot.serve.redis_backend import open_redis
+from chatbot.testing import RedisProcess
 from chatbot.serve.sessions import SessionStore, StoreUnavailable, Turn, UnknownSession, new_session_id
 
 

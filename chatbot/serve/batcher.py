@@ -13,6 +13,12 @@ Streaming: the engine reports text pieces from the worker thread; they are marsh
 with ``call_soon_threadsafe``, which keeps them in order and ahead of the job's final result.  A job
 finishes as soon as the engine hands over its reply, not when the whole batch is done: a short reply's
 final frame does not wait for the batch's longest one.
+
+Isolation: one job must not fail its batch mates.  Contexts are validated one by one at ``submit``;
+if a batched call still fails, the jobs it had not answered are retried in halves (bisection), so a
+job that fails alone gets the error and the rest are answered (one poisoned job among n costs about
+2 log2 n extra calls).  A job that already streamed part of its reply cannot start its stream over,
+so it fails with the error instead of being retried (its client retries the message).
 """
 
 from __future__ import annotations
@@ -50,27 +56,48 @@ _DONE = object()
 
 
 class ReplyJob:
-    """One conversation's pending reply: a stream of text pieces, then a result (a Reply) or an error."""
+    """One conversation's pending reply: a stream of text pieces, then a result (a Reply) or an error.
+
+    The batcher feeds it on the event loop (``add_piece``, then ``finish`` or ``fail``); the requester
+    reads ``pieces()`` and ``result()``, and calls ``abandon()`` when it no longer wants the reply."""
 
     def __init__(self, context: list[str]):
         self.context = context
         self.enqueued_at = time.monotonic()
-        self.abandoned = False  # the requester left before the batch formed: skip it
+        self._abandoned = False
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._result: Reply | None = None
         self._error: BaseException | None = None
         self._drained = False  # the end marker was consumed
-        self.done = False  # a result or an error was set; later ones are ignored
+        self._settled = False  # a result or an error was set; later ones are ignored
 
-    # Called on the loop (via call_soon_threadsafe from the worker thread).
-    def _piece(self, text: str) -> None:
-        self._events.put_nowait(text)
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
 
-    def _finish(self, result: Reply | None = None, error: BaseException | None = None) -> None:
-        """The first call settles the job (an early reply, then the batch's error, keeps the reply)."""
-        if self.done:
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def abandon(self) -> None:
+        """The requester left: a job still queued is skipped; one already generating runs to the end."""
+        self._abandoned = True
+
+    def add_piece(self, text: str) -> None:
+        if not self._settled:
+            self._events.put_nowait(text)
+
+    def finish(self, reply: Reply) -> None:
+        self._settle(reply, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._settle(None, error)
+
+    def _settle(self, result: Reply | None, error: BaseException | None) -> None:
+        # The first call settles the job (an early reply, then the batch's error, keeps the reply).
+        if self._settled:
             return
-        self.done = True
+        self._settled = True
         self._result, self._error = result, error
         self._events.put_nowait(_DONE)
 
@@ -89,6 +116,7 @@ class ReplyJob:
             pass
         if self._error is not None:
             raise self._error
+        assert self._result is not None
         return self._result
 
 
@@ -130,7 +158,7 @@ class Batcher:
             await self._fill(batch)
         except asyncio.CancelledError:  # closing: jobs taken off the queue must not be left hanging
             for job in batch:
-                job._finish(None, BatcherClosed("the service is shutting down"))
+                job.fail(BatcherClosed("the service is shutting down"))
             raise
         self.metrics.queue_depth.set(self._queue.qsize())
         return [job for job in batch if not job.abandoned]
@@ -162,23 +190,44 @@ class Batcher:
             self._idle_since = time.monotonic()
 
     def _generate(self, loop: asyncio.AbstractEventLoop, batch: list[ReplyJob]) -> None:
-        """Runs in the worker thread."""
+        """Runs in the worker thread: one batched call, then bisecting retries if it failed."""
+        answered: set[int] = set()  # settled through on_reply
+        streamed: set[int] = set()  # got at least one piece
+
         def on_piece(i: int, text: str) -> None:
-            loop.call_soon_threadsafe(batch[i]._piece, text)
+            streamed.add(i)
+            loop.call_soon_threadsafe(batch[i].add_piece, text)
 
         def on_reply(i: int, reply: Reply) -> None:
-            loop.call_soon_threadsafe(batch[i]._finish, reply, None)
+            answered.add(i)
+            loop.call_soon_threadsafe(batch[i].finish, reply)
 
         try:
             replies = self.engine.reply([job.context for job in batch], self.decoding, on_piece=on_piece,
                                         on_reply=on_reply)
-        except Exception as e:  # every job still waiting hears about it; the batcher goes on
-            log.exception("batched generate of %d replies failed", len(batch))
-            for job in batch:
-                loop.call_soon_threadsafe(job._finish, None, e)  # no-op for jobs already answered
+        except Exception as e:
+            if len(batch) == 1:
+                log.warning("generating a reply failed: %r", e)
+                loop.call_soon_threadsafe(batch[0].fail, e)  # no-op when it was answered already
+                return
+            retry = []
+            for i in range(len(batch)):
+                if i in answered:
+                    continue
+                if i in streamed or batch[i].abandoned:
+                    loop.call_soon_threadsafe(batch[i].fail, e)
+                else:
+                    retry.append(batch[i])
+            log.warning("a batched generate of %d replies failed (%r); retrying %d of them in halves",
+                        len(batch), e, len(retry))
+            half = (len(retry) + 1) // 2
+            for part in (retry[:half], retry[half:]):
+                if part:
+                    self._generate(loop, part)
             return
-        for job, reply in zip(batch, replies, strict=True):  # no-op for jobs answered through on_reply
-            loop.call_soon_threadsafe(job._finish, reply, None)
+        for i, (job, reply) in enumerate(zip(batch, replies, strict=True)):
+            if i not in answered:
+                loop.call_soon_threadsafe(job.finish, reply)
 
     async def close(self) -> None:
         """Stop taking work, let a running batch finish, fail whatever is still queued."""
@@ -192,5 +241,5 @@ class Batcher:
         # A batch already in the worker thread completes (its results still reach their jobs).
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         while not self._queue.empty():
-            self._queue.get_nowait()._finish(None, BatcherClosed("the service is shutting down"))
+            self._queue.get_nowait().fail(BatcherClosed("the service is shutting down"))
         self.metrics.queue_depth.set(0)

@@ -49,6 +49,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="cosine similarity below which a passage is not used")
     p.add_argument("--admin-token-file", help="file holding the admin API token (default: $CHATBOT_ADMIN_TOKEN; "
                                               "neither: the admin API is off)")
+    p.add_argument("--close-grace", type=float, default=d.close_grace_s,
+                   help="seconds a client gets to answer the server's close frame before TCP is closed")
+    p.add_argument("--redis-timeout", type=float, default=d.redis_timeout_s,
+                   help="seconds to connect to Redis and for each command's answer before store_unavailable")
+    p.add_argument("--health-interval", type=float, default=d.health_interval_s,
+                   help="seconds between the Redis pings that /readyz reports")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (scheme://host[:port], or *) allowed to open the websocket besides "
+                        "the page's own; repeatable")
     p.set_defaults(func=run_serve)
 
 
@@ -59,7 +68,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_text_chars=args.max_text_chars,
         max_connections=args.max_connections, rate_per_minute=args.rate_per_minute, rate_burst=args.rate_burst,
-        shutdown_grace_s=args.shutdown_grace,
+        shutdown_grace_s=args.shutdown_grace, close_grace_s=args.close_grace, redis_timeout_s=args.redis_timeout,
+        health_interval_s=args.health_interval, allowed_origins=tuple(args.allowed_origin),
         knowledge=None if args.knowledge == "none" else args.knowledge, embedder=args.embedder,
         knowledge_k=args.knowledge_k, knowledge_min_score=args.knowledge_min_score, admin_token=admin_token(args),
     )

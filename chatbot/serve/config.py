@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?$")
 
 
 class ServeConfigError(ValueError):
@@ -59,6 +62,17 @@ class ServeConfig:
     knowledge_min_score: float = 0.4  # cosine below which a passage is not used (retrieval/retriever.py)
     knowledge_snapshot_s: float = 30.0  # at most this often a worker writes a snapshot after changes
     admin_token: str | None = field(default=None, repr=False)  # None: the admin API answers 403
+    # After the server's close frame (1001 on shutdown), how long the client gets to answer with its
+    # own before the TCP connection is closed; closing at once can reset a client that was not reading.
+    close_grace_s: float = 2.0
+    # Redis: connecting and each command's answer are bounded by this, so a hung Redis costs about
+    # this long before "store_unavailable"; /readyz reports a ping made every health_interval_s.
+    redis_timeout_s: float = 1.0
+    health_interval_s: float = 1.0
+    # Browser pages allowed to open the websocket, as "scheme://host[:port]"; the page's own origin
+    # (the Origin's host equals the request's Host) always is, "*" allows any.  Clients that send no
+    # Origin (not browsers) are not affected.
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -83,12 +97,18 @@ class ServeConfig:
             (-1.0 <= self.knowledge_min_score <= 1.0, "--knowledge-min-score must be in -1..1"),
             (self.knowledge_snapshot_s > 0, "--knowledge-snapshot-s must be > 0"),
             (self.admin_token is None or len(self.admin_token) >= 16, "the admin token must have at least 16 characters"),
+            (self.close_grace_s >= 0, "--close-grace must be >= 0"),
+            (self.redis_timeout_s > 0, "--redis-timeout must be > 0"),
+            (self.health_interval_s > 0, "--health-interval must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ServeConfigError(message)
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ServeConfigError(f"--redis-url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        for origin in self.allowed_origins:
+            if origin != "*" and not ORIGIN_RE.fullmatch(origin):
+                raise ServeConfigError(f"--allowed-origin must be scheme://host[:port] (or *), got {origin!r}")
 
     @property
     def model_threads(self) -> int:

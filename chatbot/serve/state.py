@@ -1,31 +1,23 @@
-"""Typed keys for everything an app instance holds, and its lifecycle flag."""
+"""Typed keys for everything an app instance holds."""
 
 from __future__ import annotations
 
-import asyncio
 import weakref
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from chatbot.serve.batcher import Batcher, Engine
 from chatbot.serve.config import ServeConfig
+from chatbot.serve.connection import ChatConnection
 from chatbot.serve.metrics import ServiceMetrics
-from chatbot.serve.ratelimit import RateLimiter
-from chatbot.serve.sessions import SessionStore
-
-
-@dataclass
-class Lifecycle:
-    closing: bool = False  # set when shutdown begins: no new sessions or messages
-
+from chatbot.serve.replies import ReplyService
+from chatbot.serve.sessions import SessionStore, StoreHealth
 
 CONFIG = web.AppKey("config", ServeConfig)
 METRICS = web.AppKey("metrics", ServiceMetrics)
-LIMITER = web.AppKey("limiter", RateLimiter)
-LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 STORE = web.AppKey("store", SessionStore)
+HEALTH = web.AppKey("health", StoreHealth)
 ENGINE = web.AppKey("engine", Engine)
 BATCHER = web.AppKey("batcher", Batcher)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
-INFLIGHT = web.AppKey("inflight", set[asyncio.Task[None]])
+SERVICE = web.AppKey("service", ReplyService)
+CONNECTIONS = web.AppKey("connections", weakref.WeakSet[ChatConnection])
