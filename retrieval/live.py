@@ -48,6 +48,14 @@ log = logging.getLogger(__name__)
 PREFIX = "chatbot:knowledge:"
 LOG_KEY, EPOCH_KEY, OUTCOMES_KEY = PREFIX + "log", PREFIX + "epoch", PREFIX + "outcomes"
 FOLLOW_BLOCK_MS = 1000
+
+
+def follow_block_ms(redis: Any) -> int:
+    """How long one XREAD may block: FOLLOW_BLOCK_MS, but at most half the client's read timeout
+    (the service bounds every command's answer), so an idle log never looks like an unreachable Redis."""
+    pool = getattr(redis, "connection_pool", None)
+    timeout = (getattr(pool, "connection_kwargs", None) or {}).get("socket_timeout")
+    return FOLLOW_BLOCK_MS if not timeout else max(10, min(FOLLOW_BLOCK_MS, int(timeout * 500)))
 KEEP_SNAPSHOTS = 2
 
 
@@ -214,7 +222,7 @@ class LiveKnowledge:
     async def _follow(self) -> None:
         while True:
             try:
-                response = await self.redis.xread({LOG_KEY: self.position}, block=FOLLOW_BLOCK_MS, count=500)
+                response = await self.redis.xread({LOG_KEY: self.position}, block=follow_block_ms(self.redis), count=500)
                 streams = response.items() if isinstance(response, dict) else (response or [])  # RESP3 / RESP2
                 for _, entries in streams:
                     for entry_id, fields in entries:
