@@ -46,7 +46,8 @@ class Admin:
         self.http, self.url, self.headers = http, url + "/admin/knowledge", AUTH if headers is None else headers
 
     async def call(self, method: str, path: str = "", **kwargs) -> tuple[int, dict]:
-        async with self.http.request(method, self.url + path, headers=self.headers, **kwargs) as r:
+        headers = {**self.headers, **kwargs.pop("headers", {})}  # a call may add headers (Content-Type)
+        async with self.http.request(method, self.url + path, headers=headers, **kwargs) as r:
             return r.status, await r.json()
 
     async def add(self, *docs) -> tuple[int, dict]:
