@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Debian packages the test suite needs (a real browser for the page tests).
-TEST_DEBS := chromium chromium-driver
+# Debian packages the test suite needs (a real browser for the page tests; Redis and nginx for the
+# multi-worker deployment test).
+TEST_DEBS := chromium chromium-driver redis-server nginx
 
-.PHONY: install serve test bench system-deps clean default-model vanilla-baseline default-kb
+.PHONY: install serve test bench system-deps clean default-model vanilla-baseline ssa-example default-kb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +59,10 @@ vanilla-baseline: $(STAMP)
 # Re-embeds the default knowledge base's shipped vectors (retrieval/assets/wiki); minutes on 2 CPU cores.
 default-kb: $(STAMP)
 	$(BIN)/python -c "from retrieval.default_kb import write_seed; from retrieval.embedder import load_embedder; print(write_seed(load_embedder()))"
+
+# The example SSA report in docs/ssa-example: the shipped model and every model directory in runs/ladder
+# (checkpoints of one run; --tiny-steps N adds a tiny rung trained for seconds), rated by SIMULATED raters over the form's
+# HTTP API, perplexities on the test split.  Minutes on 2 CPU cores; see docs/evaluation.md.
+SSA_EXAMPLE_FLAGS ?= --n 30 --num-candidates 8 --tiny-steps 0 --ppl-max-examples 300
+ssa-example: $(STAMP)
+	$(BIN)/python -m eval.example --out docs/ssa-example --ladder runs/ladder $(SSA_EXAMPLE_FLAGS)

@@ -15,10 +15,12 @@ import argparse
 import dataclasses
 import sys
 
+from chatbot.ranking import add_ranking_arguments, ranking_config_from_args
+
 # Decoding flags, named as DecodingConfig's fields.  Flags left out keep DecodingConfig's defaults (the
 # engine is the one place they are defined).
 DECODING_FIELDS = ("strategy", "num_candidates", "temperature", "top_k", "top_p", "beam_size", "max_new_tokens",
-                   "min_new_tokens", "length_normalize", "seed")
+                   "min_new_tokens", "seed")
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +37,8 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--beam-size", type=int, help="beams, for --strategy beam (default 4)")
     g.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens (default 40)")
     g.add_argument("--min-new-tokens", type=int, help="no end of reply before this many tokens (default 1)")
-    g.add_argument("--length-normalize", action="store_true", default=None,
-                   help="rank candidates by mean instead of total token log-likelihood")
     g.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
+    add_ranking_arguments(p.add_argument_group("ranking of sample-and-rank candidates (docs/generation.md)"))
     p.add_argument("--show-candidates", action="store_true",
                    help="print the ranked candidates and their scores to stderr")
     p.add_argument("--blocklist", metavar="FILE",
@@ -53,7 +54,7 @@ def print_candidates(reply, out) -> None:
     for cand in reply.candidates:
         mark = "*" if cand is chosen else " "
         dropped = f" [dropped: {cand.dropped_by}]" if cand.dropped_by else ""
-        scores = f"{cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token)"
+        scores = f"{cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token), score {cand.score:8.3f}"
         print(f"  {mark} {scores}{dropped} {cand.text!r}", file=out)
 
 
@@ -64,9 +65,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in DECODING_FIELDS if getattr(args, name) is not None}
     config = DecodingConfig(**overrides)  # bad flags fail here, before the model loads
+    ranking = ranking_config_from_args(args)
     safety = SafetyFilter.from_file(args.blocklist) if args.blocklist else SafetyFilter()
     loaded = load_model(args.model, args.device)
-    engine = ReplyEngine(loaded.model, loaded.tokenizer, args.device, safety_filter=safety)
+    engine = ReplyEngine(loaded.model, loaded.tokenizer, args.device, safety_filter=safety,
+                         ranker=ranking.build(args.device))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {loaded.directory} (Ctrl-D to quit)", file=sys.stderr)

@@ -23,7 +23,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="override a model config field, e.g. --set n_decoder_layers=7 (repeatable)")
     p.add_argument("--data", default="chitchat", help="'chitchat' (bundled) or a JSONL corpus file (see docs/data.md)")
     p.add_argument("--out", required=True, help="output directory (model directory + train_state/)")
+    p.add_argument("--direction", default="forward", choices=["forward", "backward"],
+                   help="forward: a chat model, p(reply | context); backward: p(last context turn | reply), "
+                        "the scorer for --mmi-model reranking (default: %(default)s)")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one on the train split")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from this model directory's weights (same preset and tokenizer), e.g. a backward "
+                        "model from the chat model")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size to train (default: the preset's, 8192)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines (reports how many) instead of failing")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
@@ -75,8 +81,8 @@ def run_train(args: argparse.Namespace) -> int:
     from chatbot.train import TrainConfig, train
 
     cfg = TrainConfig(
-        out=args.out, preset=args.preset, data=args.data, block_type=args.block_type,
-        model_overrides=parse_overrides(args.set), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        out=args.out, preset=args.preset, data=args.data, direction=args.direction, block_type=args.block_type,
+        model_overrides=parse_overrides(args.set), tokenizer=args.tokenizer, init_from=args.init_from, vocab_size=args.vocab_size,
         skip_bad_lines=args.skip_bad_lines, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, schedule=args.schedule, max_steps=args.max_steps,
         batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, clip=args.clip,
@@ -105,23 +111,17 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines instead of failing")
     ppl.set_defaults(func=run_perplexity)
+    from eval.cli import add_ssa_commands
+
+    add_ssa_commands(esub)
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from chatbot.data import ExampleStore, prepare_splits
-    from chatbot.modeldir import load_model
-    from eval.perplexity import evaluate_perplexity
+    from eval.perplexity import model_dir_perplexity
 
-    loaded = load_model(args.model, args.device)
-    if args.data in ("test", "valid", "train"):
-        directory = prepare_splits("chitchat", loaded.tokenizer, [args.data])[args.data]
-    else:
-        directory = prepare_splits(args.data, loaded.tokenizer, ["test"], skip_bad_lines=args.skip_bad_lines,
-                                   whole_file_as="test")["test"]
-    cfg = loaded.model.config
-    store = ExampleStore(directory, cfg.max_source_len, cfg.max_target_len)
-    result = evaluate_perplexity(loaded.model, store, args.batch_tokens, args.device, max_examples=args.max_examples)
-    print(json.dumps({"model": str(loaded.directory), "data": args.data, **result.to_dict()}))
+    directory, result = model_dir_perplexity(args.model, args.data, args.batch_tokens, args.max_examples, args.device,
+                                             args.skip_bad_lines)
+    print(json.dumps({"model": directory, "data": args.data, **result.to_dict()}))
     return 0
 
 

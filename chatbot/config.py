@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 BlockType = Literal["evolved", "vanilla"]
+Direction = Literal["forward", "backward"]
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,9 @@ class ModelConfig:
     # so an engine with a retriever only reports the passages it found as sources.
     knowledge_passages: int = 0
     model_type: str = "evolved_transformer_chat"  # marker in config.json
+    # What the model predicts: forward p(reply | context), a chat model; backward p(last context turn |
+    # reply), a scorer for maximum-mutual-information reranking (chatbot/ranking.py), never a chat model.
+    direction: Direction = "forward"
     # Written by structured pruning (chatbot.compress); None means the architecture's own widths.
     # One entry per layer, encoder layers first, then decoder layers.
     ffn_widths: tuple[int, ...] | None = None  # inner FFN units (default 4d)
@@ -76,6 +80,8 @@ class ModelConfig:
             raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the special token ids")
         if self.knowledge_passages < 0:
             raise ConfigError("knowledge_passages must be >= 0")
+        if self.direction not in ("forward", "backward"):
+            raise ConfigError(f"direction must be 'forward' or 'backward', got {self.direction!r}")
         if self.max_source_len < 1 or self.max_target_len < 2:
             raise ConfigError("max_source_len must be >= 1 and max_target_len >= 2")
 

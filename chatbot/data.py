@@ -13,6 +13,11 @@ runs); each split is tokenized once into a directory of flat arrays:
 so a corpus of any size trains without living in RAM as Python objects.  An example is assembled on
 demand: context = its turns joined by <sep> and cut from the left to ``max_source_len`` tokens; the
 response is cut to ``max_target_len - 1`` tokens and followed by the end-of-turn token.
+
+The ``backward`` direction turns each example around for maximum-mutual-information reranking
+(``chatbot/ranking.py``): source = the response (its first ``max_source_len`` tokens), target = the
+context's last turn, the one the response answers.  Same files, same examples, so both directions
+share one tokenized cache.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ SPLITS = ("train", "valid", "test")
 # Share of conversations per split, by a hash of the conversation id: 95% / 2.5% / 2.5%.
 SPLIT_PER_MILLE = {"valid": 25, "test": 25}
 FORMAT_VERSION = 1
+# forward: p(response | context), the chat model; backward: p(last context turn | response), for MMI.
+DIRECTIONS = ("forward", "backward")
 
 
 class CorpusError(ValueError):
@@ -242,8 +249,12 @@ class Batch:
 class ExampleStore:
     """Read-only view of one tokenized split; assembles examples and batches on demand."""
 
-    def __init__(self, directory: str | Path, max_source_len: int = 128, max_target_len: int = 128):
+    def __init__(self, directory: str | Path, max_source_len: int = 128, max_target_len: int = 128,
+                 direction: str = "forward"):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         self.dir = Path(directory)
+        self.direction = direction
         self.meta = json.loads((self.dir / "meta.json").read_text())
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{self.dir}: data format {self.meta.get('format_version')} != {FORMAT_VERSION}; re-tokenize")
@@ -256,10 +267,16 @@ class ExampleStore:
             raise ValueError(f"{self.dir}: arrays disagree with meta.json; re-tokenize")
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
         resp, first = self.examples[:, 0], self.examples[:, 1]
-        # Context length: the turns' tokens plus one separator between consecutive turns.
-        ctx = self.offsets[resp] - self.offsets[first] + (resp - first - 1)
-        self.source_lengths = np.minimum(ctx, max_source_len)
-        self.target_lengths = np.minimum(self.offsets[resp + 1] - self.offsets[resp], max_target_len - 1) + 1
+        turn_len = np.diff(self.offsets)
+        if direction == "forward":
+            # Context length: the turns' tokens plus one separator between consecutive turns.
+            source = self.offsets[resp] - self.offsets[first] + (resp - first - 1)
+            self.target_turns = resp
+        else:
+            source = turn_len[resp]
+            self.target_turns = resp - 1  # the context's last turn (examples start at a conversation's 2nd turn)
+        self.source_lengths = np.minimum(source, max_source_len)
+        self.target_lengths = np.minimum(turn_len[self.target_turns], max_target_len - 1) + 1
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -268,8 +285,12 @@ class ExampleStore:
         return self.tokens[self.offsets[t]:self.offsets[t + 1]]
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(context ids, response ids without </t>) for example ``i``, limits applied."""
+        """(source ids, target ids without </t>) for example ``i``, limits applied: forward (context,
+        response); backward (response, the context's last turn)."""
         resp, first = (int(v) for v in self.examples[i])
+        if self.direction == "backward":
+            return np.asarray(self.turn(resp)[: self.max_source_len], dtype=np.int64), \
+                self.turn(resp - 1)[: self.max_target_len - 1]
         context = join_context([self.turn(t) for t in range(first, resp)], self.max_source_len)
         return context, self.turn(resp)[: self.max_target_len - 1]
 
@@ -285,7 +306,7 @@ class ExampleStore:
             src[b, : len(context)] = context
             tgt_in[b, 0], tgt_in[b, 1 : len(response) + 1] = BOS_ID, response
             tgt_out[b, : len(response)], tgt_out[b, len(response)] = response, EOT_ID
-        words = int(sum(self.words[self.examples[int(i), 0]] + 1 for i in indices))
+        words = int(sum(self.words[self.target_turns[int(i)]] + 1 for i in indices))
         return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), words)
 
     def batches(self, max_tokens: int, seed: int | None = None, epoch: int = 0) -> list[np.ndarray]:

@@ -4,7 +4,9 @@
 conversation.  Strategies (``DecodingConfig.strategy``):
 
 - ``sample_and_rank`` (default, Meena): N independent samples at temperature T, optionally top-k /
-  top-p truncated; filters drop bad candidates and the most likely survivor is the reply.
+  top-p truncated; filters drop bad candidates and the best-ranked survivor is the reply.  The engine's
+  ``ranker`` (``chatbot.ranking``) scores the candidates: Meena's total log-likelihood, a length-
+  normalised one, or maximum mutual information with a backward model.
 - ``sample``: one sample per context, streamed word by word while it is decoded.
 - ``greedy``: the most likely next token each step, streamed like ``sample``.
 - ``beam``: beam search (``beam_size`` beams); the finished beams are the candidates.
@@ -63,6 +65,7 @@ from torch import Tensor
 from chatbot.model_input import join_context, knowledge_text
 from chatbot.filters import RepetitionFilter, SafetyFilter
 from chatbot.model import ChatModel, EncoderOutput
+from chatbot.ranking import Ranker, default_ranker
 from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS, ChatTokenizer
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,6 @@ class DecodingConfig:
     beam_size: int = 4
     max_new_tokens: int = 40
     min_new_tokens: int = 1  # end-of-turn is impossible before this many tokens
-    length_normalize: bool = False  # rank by mean instead of total token log-likelihood
     seed: int | None = None  # same seed + same input -> same replies
 
     def __post_init__(self) -> None:
@@ -156,6 +158,8 @@ class ScoredCandidate:
     log_likelihood: float  # sum of log p(token), end-of-turn included when the candidate finished
     normalized_log_likelihood: float  # log_likelihood / scored tokens
     dropped_by: str | None  # None: kept; else "safety", "repetition" or "self_repetition"
+    scored_tokens: int = 0  # tokens that log_likelihood sums over
+    score: float = 0.0  # the ranker's score, higher is better (chatbot.ranking)
 
 
 @dataclass
@@ -336,6 +340,22 @@ class LiveStream:
         return True
 
 
+def rank_candidates(ranker: Ranker, context: list[str], candidates: list[ScoredCandidate]) -> list[ScoredCandidate]:
+    """Sets each candidate's ``score`` and returns them best first (stable: ties keep sampling order)."""
+    for cand, score in zip(candidates, ranker.scores(context, candidates)):
+        cand.score = score
+    return sorted(candidates, key=lambda cand: cand.score, reverse=True)
+
+
+def choose(ranked: list[ScoredCandidate]) -> tuple[ScoredCandidate | None, bool]:
+    """(the reply, all_filtered) from ranked candidates: the best one the filters kept; when they dropped
+    all, the best that passed the safety filter; None when none did (the caller falls back)."""
+    chosen = next((cand for cand in ranked if cand.dropped_by is None), None)
+    if chosen is not None:
+        return chosen, False
+    return next((cand for cand in ranked if cand.dropped_by != "safety"), None), True
+
+
 # ----------------------------------------------------------------------------------------- the engine
 
 
@@ -346,10 +366,15 @@ class ReplyEngine:
     def __init__(self, model: ChatModel, tokenizer: ChatTokenizer, device: str | torch.device = "cpu",
                  repetition_filter: RepetitionFilter | None = RepetitionFilter(),
                  safety_filter: SafetyFilter | None = SafetyFilter(), *, fallback_text: str = FALLBACK_TEXT,
-                 retriever: Retriever | None = None, knowledge_passages: int | None = None):
+                 retriever: Retriever | None = None, knowledge_passages: int | None = None,
+                 ranker: Ranker | None = None):
         """``retriever``: where knowledge comes from (None: no knowledge).  ``knowledge_passages``: how
         many retrieved passages the model reads; None takes the model config's (0 for a model not
-        trained on knowledge: passages are then only reported as sources)."""
+        trained on knowledge: passages are then only reported as sources).  ``ranker``: how candidates
+        are ranked (None: the documented default)."""
+        if model.config.direction != "forward":
+            raise GenerationError("this is a backward model, p(context | reply): it scores replies for MMI "
+                                  "ranking (--mmi-model) and cannot write them")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -359,6 +384,7 @@ class ReplyEngine:
         self.retriever = retriever
         self.knowledge_passages = (getattr(model.config, "knowledge_passages", 0) if knowledge_passages is None
                                    else knowledge_passages)
+        self.ranker = ranker if ranker is not None else default_ranker()  # None: the documented default
         # Never generated: padding, start, separators; end-of-turn is handled by min_new_tokens.
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
 
@@ -582,8 +608,8 @@ class _Call:
             scores = torch.tensor(next_scores, device=device).view(len(live), B)
             tokens = torch.tensor(next_tokens, device=device)[:, None]
 
-    def _rank_key(self, draft: Draft | ScoredCandidate) -> float:
-        return draft.normalized_log_likelihood if self.config.length_normalize else draft.log_likelihood
+    def _rank_key(self, draft: Draft) -> float:
+        return self.engine.ranker.search_score(draft.log_likelihood, len(draft.token_logprobs))
 
     def _beam_done(self, finished: list[Draft], best_live: Draft) -> bool:
         B = self.config.beam_size
@@ -617,7 +643,8 @@ class _Call:
 
     def _scored(self, drafts: list[Draft]) -> list[ScoredCandidate]:
         texts = [self.tokenizer.decode(d.token_ids).strip() for d in drafts]
-        return [ScoredCandidate(text, d.token_ids, d.log_likelihood, d.normalized_log_likelihood, None)
+        return [ScoredCandidate(text, d.token_ids, d.log_likelihood, d.normalized_log_likelihood, None,
+                                scored_tokens=len(d.token_logprobs), score=self._rank_key(d))
                 for text, d in zip(texts, drafts)]
 
     def _finish_ranked(self, c: int, drafts: list[Draft]) -> Reply:
@@ -625,11 +652,8 @@ class _Call:
         candidates = self._scored(drafts)
         for cand, verdict in zip(candidates, self._verdicts(context, [cand.text for cand in candidates])):
             cand.dropped_by = verdict
-        ranked = sorted(candidates, key=self._rank_key, reverse=True)  # stable: ties keep sampling order
-        chosen = next((cand for cand in ranked if cand.dropped_by is None), None)
-        all_filtered = chosen is None
-        if chosen is None:
-            chosen = next((cand for cand in ranked if cand.dropped_by != "safety"), None)
+        ranked = rank_candidates(self.engine.ranker, context, candidates)
+        chosen, all_filtered = choose(ranked)
         if chosen is None:
             reply = self._fallback_reply(c, "")
         else:

@@ -46,9 +46,11 @@ class TrainConfig:
     out: str
     preset: str = "default"
     data: str = "chitchat"
+    direction: Literal["forward", "backward"] = "forward"  # backward: p(last context turn | reply), for MMI
     block_type: Literal["evolved", "vanilla"] | None = None  # overrides the preset's
     model_overrides: tuple[tuple[str, Any], ...] = ()  # (field, value) pairs applied to the preset
     tokenizer: str | None = None  # an existing tokenizer.json; default: train one on the train split
+    init_from: str | None = None  # start from this model directory's weights (same shape and tokenizer)
     vocab_size: int | None = None  # BPE entries to train; default: the preset's vocabulary size
     skip_bad_lines: bool = False
     optimizer: Literal["adamw", "adafactor"] = "adamw"
@@ -92,6 +94,8 @@ class TrainConfig:
             overrides["block_type"] = self.block_type
         if self.dropout is not None:
             overrides["dropout"] = self.dropout
+        if self.direction != "forward":
+            overrides["direction"] = self.direction
         return preset(self.preset, **overrides, vocab_size=vocab_size)  # the model's vocabulary is the tokenizer's
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,6 +280,8 @@ class Trainer:
         saved = checkpoint.check_resume(out, cfg, model_cfg)
         torch.manual_seed(cfg.seed)
         self.raw_model = (initial_model if initial_model is not None else ChatModel(model_cfg)).to(device)
+        if cfg.init_from and not saved:
+            self.init_weights(cfg.init_from)
         self.progress = checkpoint.restore(out, saved, self.raw_model, device) if saved else Progress()
         self.sharded = cfg.fsdp and ddp.world > 1
         self.model = self.wrap(self.raw_model)
@@ -286,11 +292,26 @@ class Trainer:
             log.info("resumed %s at step %d (epoch %d, %d of its batches done)", out, self.progress.step,
                      self.progress.epoch, self.progress.epoch_batches_done)
 
-        self.train_store = ExampleStore(splits["train"], model_cfg.max_source_len, model_cfg.max_target_len)
-        self.valid_store = ExampleStore(splits["valid"], model_cfg.max_source_len, model_cfg.max_target_len)
+        self.train_store, self.valid_store = (
+            ExampleStore(splits[s], model_cfg.max_source_len, model_cfg.max_target_len, model_cfg.direction)
+            for s in ("train", "valid"))
         if ddp.is_main:  # work after the checkpoint (or all of it, starting afresh) is being redone
             checkpoint.drop_events_after(out / METRICS, self.progress.step)
         self.metrics_file = open(out / METRICS, "a") if ddp.is_main else None
+
+    def init_weights(self, directory: str) -> None:
+        """Weights from another model directory: a backward model learns far faster from a chat model's
+        weights (it already reads and writes turns) than from scratch."""
+        from chatbot.modeldir import load_model
+
+        source = load_model(directory)
+        free = ("direction", "dropout", "attention_dropout")  # what may differ: neither is a weight's shape
+        shape = [{k: v for k, v in c.to_dict().items() if k not in free} for c in (source.model.config, self.model_cfg)]
+        if shape[0] != shape[1] or source.tokenizer.fingerprint() != self.tokenizer.fingerprint():
+            raise ValueError(f"--init-from {directory}: its shape or tokenizer differs from this run's "
+                             f"(use its preset and --tokenizer {directory}/tokenizer.json)")
+        self.raw_model.load_state_dict(source.model.state_dict())
+        log.info("initialised from %s", directory)
 
     def wrap(self, model: ChatModel) -> torch.nn.Module:
         if self.ddp.world == 1:

@@ -62,3 +62,22 @@ def evaluate_perplexity(model: ChatModel, store: ExampleStore, batch_tokens: int
         examples += len(idx)
     model.train(was_training)
     return perplexity_from_totals(total_nll, tokens, words, examples)
+
+
+def model_dir_perplexity(model_dir: str | None, data: str = "test", batch_tokens: int = 8192,
+                         max_examples: int | None = None, device: str = "cpu", skip_bad_lines: bool = False,
+                         progress: bool = True) -> tuple[str, PerplexityResult]:
+    """Perplexity of a model directory (None: the shipped model) on 'test' / 'valid' / 'train' of the
+    bundled corpus, or on all of a JSONL file; returns (the directory loaded, the result)."""
+    from chatbot.data import prepare_splits
+    from chatbot.modeldir import load_model
+
+    loaded = load_model(model_dir, device)
+    if data in ("test", "valid", "train"):
+        directory = prepare_splits("chitchat", loaded.tokenizer, [data])[data]
+    else:
+        directory = prepare_splits(data, loaded.tokenizer, ["test"], skip_bad_lines=skip_bad_lines,
+                                   whole_file_as="test")["test"]
+    cfg = loaded.model.config
+    store = ExampleStore(directory, cfg.max_source_len, cfg.max_target_len, cfg.direction)
+    return str(loaded.directory), evaluate_perplexity(loaded.model, store, batch_tokens, device, progress, max_examples)

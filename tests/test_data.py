@@ -94,6 +94,23 @@ def test_collate_shifts_targets_and_ends_with_end_of_turn(store):
     assert batch.words == len(texts[1].split()) + 1 + len("hi there".split()) + 1
 
 
+def test_backward_direction_turns_each_example_around(store):
+    """Backward: source = the response (its first max_source_len tokens), target = the context's last turn."""
+    s, tok, texts = store
+    back = ExampleStore(s.dir, max_source_len=4, max_target_len=6, direction="backward")
+    assert len(back) == len(s)
+    for i, (reply, turn) in [(0, (texts[1], texts[0])), (10, (texts[11], texts[10])), (11, ("hi there", "hello"))]:
+        source, target = back.example(i)
+        assert np.array_equal(source, tok.encode(reply)[:4]) and np.array_equal(target, tok.encode(turn)[:5])
+        assert back.source_lengths[i] == min(len(tok.encode(reply)), 4)
+        assert back.target_lengths[i] == min(len(tok.encode(turn)), 5) + 1
+    batch = back.collate([0, 11])
+    assert batch.tgt_out[1, :len(tok.encode("hello")) + 1].tolist() == tok.encode("hello") + [EOT_ID]
+    assert batch.words == len(texts[0].split()) + 1 + len("hello".split()) + 1  # words of the targets
+    with pytest.raises(ValueError, match="direction must be one of"):
+        ExampleStore(s.dir, direction="sideways")
+
+
 def test_batches_cover_every_example_once_within_budget(store):
     s, _, _ = store
     for seed in (None, 7):

@@ -21,6 +21,7 @@ from chatbot.generate import (
     words_before,
 )
 from chatbot.modeldir import load_model
+from chatbot.ranking import LikelihoodRanker
 from chatbot.tokenizer import BOS_ID, EOT_ID
 
 CONTEXTS = [
@@ -43,6 +44,12 @@ def loaded(tiny_model_dir):
 @pytest.fixture(scope="module")
 def engine(loaded):
     return ReplyEngine(loaded.model, loaded.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def meena_engine(loaded):
+    """Ranks by total log-likelihood, whatever the default: beam search's stopping rule is exact only then."""
+    return ReplyEngine(loaded.model, loaded.tokenizer, ranker=LikelihoodRanker(0.0))
 
 
 def teacher_forced_loglik(loaded, context: list[str], ids: list[int], finished: bool) -> float:
@@ -127,18 +134,20 @@ def test_scores_are_the_models_log_likelihood(engine, loaded, strategy):
                 cand.log_likelihood / (len(cand.token_ids) + finished), abs=1e-6)
 
 
-def test_sample_and_rank_returns_the_most_likely_kept_candidate(engine):
-    for normalize in (False, True):
-        config = dataclasses.replace(WORDY, length_normalize=normalize)
-        (reply,) = engine.reply([CONTEXTS[0]], config, return_candidates=True)
-        assert len(reply.candidates) == config.num_candidates
-        key = [c.normalized_log_likelihood if normalize else c.log_likelihood for c in reply.candidates]
-        assert key == sorted(key, reverse=True)
+def test_sample_and_rank_returns_the_best_ranked_kept_candidate(loaded):
+    for ranker, key in [(LikelihoodRanker(0.0), lambda c: c.log_likelihood),
+                        (LikelihoodRanker(1.0), lambda c: c.normalized_log_likelihood)]:
+        engine = ReplyEngine(loaded.model, loaded.tokenizer, ranker=ranker)
+        (reply,) = engine.reply([CONTEXTS[0]], WORDY, return_candidates=True)
+        assert len(reply.candidates) == WORDY.num_candidates
+        assert [c.score for c in reply.candidates] == pytest.approx([key(c) for c in reply.candidates])
+        assert [key(c) for c in reply.candidates] == sorted(map(key, reply.candidates), reverse=True)
         best = next(c for c in reply.candidates if c.dropped_by is None)
         assert (reply.text, reply.log_likelihood) == (best.text, best.log_likelihood)
 
 
-def test_greedy_is_beam_of_one_and_top_k_of_one(engine):
+def test_greedy_is_beam_of_one_and_top_k_of_one(meena_engine):
+    engine = meena_engine
     greedy = engine.reply(CONTEXTS, DecodingConfig(strategy="greedy", max_new_tokens=12))
     beam1 = engine.reply(CONTEXTS, DecodingConfig(strategy="beam", beam_size=1, max_new_tokens=12))
     top1 = engine.reply(CONTEXTS, DecodingConfig(strategy="sample", top_k=1, seed=5, max_new_tokens=12))
@@ -157,7 +166,8 @@ def test_greedy_picks_the_argmax_each_step(engine, loaded):
     assert logits.argmax(-1)[: len(reply.token_ids)].tolist() == reply.token_ids
 
 
-def test_beam_candidates_are_distinct_and_ranked(engine):
+def test_beam_candidates_are_distinct_and_ranked(meena_engine):
+    engine = meena_engine
     (reply,) = engine.reply([CONTEXTS[0]], DecodingConfig(strategy="beam", beam_size=4, max_new_tokens=10),
                             return_candidates=True)
     ids = [tuple(c.token_ids) for c in reply.candidates]

@@ -55,9 +55,9 @@ SECURITY_HEADERS = {
 
 
 def decoding_config(config: ServeConfig) -> DecodingConfig:
-    """Sample-and-rank with the engine's defaults, except the two knobs that set the CPU cost."""
+    """Sample-and-rank with the engine's defaults, except the knobs that set the CPU cost and the minimum length."""
     return DecodingConfig(strategy="sample_and_rank", num_candidates=config.num_candidates,
-                          max_new_tokens=config.max_new_tokens)
+                          max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens)
 
 
 def load_engine(config: ServeConfig) -> Engine:
@@ -69,7 +69,7 @@ def load_engine(config: ServeConfig) -> Engine:
 
     torch.set_num_threads(config.model_threads)
     loaded = load_model(config.model_dir, config.device)
-    engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device)
+    engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device, ranker=config.ranking.build(config.device))
     engine.reply([["hello"]], DecodingConfig(num_candidates=2, max_new_tokens=2))
     log.info("model %s loaded (%.1fM parameters, %d torch threads)", loaded.directory,
              loaded.model.num_parameters() / 1e6, torch.get_num_threads())

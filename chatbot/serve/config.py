@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatbot.ranking import RankingConfig
+
 ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?$")
 
 
@@ -33,6 +35,8 @@ class ServeConfig:
     # tokens take about 0.75 s for one reply of the 11M-parameter default model on one CPU core.
     num_candidates: int = 12
     max_new_tokens: int = 40
+    min_new_tokens: int = 1  # no end of reply before this many tokens
+    ranking: RankingConfig = RankingConfig()  # how the candidates are ranked (docs/generation.md)
     # torch intra-op threads for the model; None: all cores but one.  The event loop, Redis and the
     # clients need a core too, and oversubscribed OpenMP threads stall each other (a reply that takes
     # 0.8 s on one thread took 3-35 s on two threads of a busy 2-core machine).
@@ -80,6 +84,7 @@ class ServeConfig:
             (self.session_ttl_s >= 60, "--session-ttl must be at least 60 seconds"),
             (self.num_candidates >= 1, "--num-candidates must be >= 1"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "--min-new-tokens must be in 0..--max-new-tokens"),
             (self.torch_threads is None or self.torch_threads >= 1, "--torch-threads must be >= 1"),
             (self.max_batch_size >= 1, "--max-batch-size must be >= 1"),
             (self.max_wait_ms >= 0, "--max-wait-ms must be >= 0"),

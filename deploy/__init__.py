@@ -1,1 +1,0 @@
-"""Deployment helpers (many workers, GPUs): arrives with the deployment issue."""
