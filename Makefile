@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # multi-worker deployment test).
 TEST_DEBS := chromium chromium-driver redis-server nginx
 
-.PHONY: install serve test bench system-deps clean default-model vanilla-baseline ssa-example
+.PHONY: install serve test bench system-deps clean default-model vanilla-baseline ssa-example default-kb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ default-model: $(STAMP)
 
 vanilla-baseline: $(STAMP)
 	$(BIN)/chatbot train --preset default-vanilla --out runs/default-vanilla $(TRAIN_FLAGS)
+
+# Re-embeds the default knowledge base's shipped vectors (retrieval/assets/wiki); minutes on 2 CPU cores.
+default-kb: $(STAMP)
+	$(BIN)/python -c "from retrieval.default_kb import write_seed; from retrieval.embedder import load_embedder; print(write_seed(load_embedder()))"
 
 # The example SSA report in docs/ssa-example: the shipped model and every model directory in runs/ladder
 # (checkpoints of one run; --tiny-steps N adds a tiny rung trained for seconds), rated by SIMULATED raters over the form's

@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench.bench_decoding",
     "bench.bench_decoding_quality",
     "bench.bench_service",
+    "bench.bench_knowledge",
     "bench.bench_cluster",  # needs Debian's redis-server and nginx (make system-deps)
     "bench.bench_index_scale",
     "bench.bench_compress",

@@ -44,9 +44,10 @@ from collections.abc import Iterator
 import torch
 
 from bench.common import header, write_json
-from chatbot.data import MAX_CONTEXT_TURNS, chitchat_conversations, split_of
+from chatbot.data import chitchat_conversations, split_of
 from chatbot.filters import RepetitionFilter
 from chatbot.generate import MAX_TURN_CHARS, DecodingConfig, ReplyEngine, choose, rank_candidates
+from chatbot.model_input import MAX_CONTEXT_TURNS
 from chatbot.modeldir import load_model
 from chatbot.ranking import BackwardScorer, LikelihoodRanker, MMIRanker
 from eval.reply_metrics import ReplyStatistics, normalized, reply_metrics

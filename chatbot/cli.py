@@ -156,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_pack(sub)
     from chatbot.chat import add_chat
     from chatbot.client import add_client
+    from chatbot.index_cli import add_index
     from chatbot.compress import add_compress
     from chatbot.serve.cli import add_serve
 
     add_chat(sub)
     add_serve(sub)
     add_client(sub)
+    add_index(sub)
     add_compress(sub)
     return parser
 

@@ -195,7 +195,16 @@ async def _chat(args: argparse.Namespace) -> int:
                 print(("\n" if streamed else "") + f"bot> {reply['text']}")
             else:
                 print()
+            # Piped: stdout stays one reply per line, so sources go to stderr.
+            print_sources(reply.get("sources") or [], sys.stdout if interactive else sys.stderr)
     return 0
+
+
+def print_sources(sources: list[dict], out) -> None:
+    for i, s in enumerate(sources, start=1):
+        where = f" <{s['url']}>" if s.get("url") else ""
+        score = f" ({s['score']:.2f})" if isinstance(s.get("score"), (int, float)) else ""
+        print(f"     [{i}] {s.get('title') or s.get('id')}{where}{score}", file=out, flush=True)
 
 
 def run_client(args: argparse.Namespace) -> int:

@@ -35,6 +35,9 @@ class ModelConfig:
     pad_id: int = 0
     bos_id: int = 1
     eot_id: int = 2
+    # Knowledge passages the model was trained to read after its context (chatbot.model_input); 0: none,
+    # so an engine with a retriever only reports the passages it found as sources.
+    knowledge_passages: int = 0
     model_type: str = "evolved_transformer_chat"  # marker in config.json
     # What the model predicts: forward p(reply | context), a chat model; backward p(last context turn |
     # reply), a scorer for maximum-mutual-information reranking (chatbot/ranking.py), never a chat model.
@@ -78,6 +81,8 @@ class ModelConfig:
             raise ConfigError("dropout rates must be in [0, 1)")
         if self.vocab_size <= max(self.pad_id, self.bos_id, self.eot_id):
             raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the special token ids")
+        if self.knowledge_passages < 0:
+            raise ConfigError("knowledge_passages must be >= 0")
         if self.direction not in ("forward", "backward"):
             raise ConfigError(f"direction must be 'forward' or 'backward', got {self.direction!r}")
         if self.max_source_len < 1 or self.max_target_len < 2:

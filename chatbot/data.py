@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, SEP_ID, ChatTokenizer
+from chatbot.model_input import MAX_CONTEXT_TURNS, join_context
+from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, ChatTokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_CONTEXT_TURNS = 7
 SPLITS = ("train", "valid", "test")
 # Share of conversations per split, by a hash of the conversation id: 95% / 2.5% / 2.5%.
 SPLIT_PER_MILLE = {"valid": 25, "test": 25}
@@ -167,18 +167,6 @@ def conversations(source: str, skip_bad_lines: bool = False, report: SkipReport 
     if not Path(source).is_file():
         raise FileNotFoundError(f"--data {source!r}: no such file (use 'chitchat' or a JSONL corpus path)")
     return jsonl_conversations(source, skip_bad_lines, report)
-
-
-def join_context(turns: list, max_source_len: int) -> np.ndarray:
-    """Token ids of the last ``MAX_CONTEXT_TURNS`` turns joined by <sep>, cut from the left."""
-    parts: list[np.ndarray] = []
-    for ids in turns[-MAX_CONTEXT_TURNS:]:
-        if parts:
-            parts.append(np.array([SEP_ID], dtype=np.int64))
-        parts.append(np.asarray(ids, dtype=np.int64))
-    if not parts:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate(parts)[-max_source_len:]
 
 
 # ----------------------------------------------------------------------------------------- on disk

@@ -38,10 +38,17 @@ about to be delivered) the reply is cut after the last delivered word, which is 
 callback, so streaming never changes a reply.  ``on_reply(i, reply)`` hands over context i's whole
 Reply right after its last piece, without waiting for the rest of the batch (the service sends its
 final frame then).
+
+Knowledge.  An engine given a ``retriever`` asks it, once per call, for each context's passages (it
+decides when a turn deserves any: none for "hi").  Each Reply's ``sources`` lists the passages retrieved
+for it (id, title, url, score).  The passages reach the encoder (after the context, each behind the
+reserved ``<know>`` token: ``chatbot.model_input``) only for a model trained to read them
+(``knowledge_passages`` > 0 in its config), so the shipped chitchat model's replies stay as they were.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -50,12 +57,12 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from chatbot.data import join_context
+from chatbot.model_input import join_context, knowledge_text
 from chatbot.filters import RepetitionFilter, SafetyFilter
 from chatbot.model import ChatModel, EncoderOutput
 from chatbot.ranking import Ranker, default_ranker
@@ -73,6 +80,26 @@ FALLBACK_TEXT = "Let's talk about something else."
 
 PieceCallback = Callable[[int, str], None]
 ReplyCallback = Callable[[int, "Reply"], None]
+
+
+class KnowledgePassage(Protocol):
+    """A passage a retriever found (``retrieval.knowledge.Hit`` is one)."""
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
+
+    def source(self) -> dict:
+        """The protocol's ``sources`` entry: id, title, url (where known), score."""
+        ...
+
+
+class Retriever(Protocol):
+    """Knowledge for a batch of contexts: per context its passages, best first (empty: none wanted)."""
+
+    def retrieve(self, contexts: list[list[str]]) -> list[list[KnowledgePassage]]: ...
 
 
 class GenerationError(ValueError):
@@ -143,9 +170,9 @@ class Reply:
     normalized_log_likelihood: float
     candidates: list[ScoredCandidate] | None  # best first by the ranking score; only with return_candidates
     all_filtered: bool  # every candidate was dropped; ``text`` is the fallback (see the module docstring)
-    # Of the call until this reply was final: tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
+    # Of the call until this reply was final: retrieve_s, tokenize_s, encode_s, decode_s, rank_s, total_s, decode_steps
     timings: dict[str, float]
-    # What the reply drew on, one dict per source (id, title, url, ...); empty until replies use knowledge.
+    # The passages retrieved for this reply, one dict each (KnowledgePassage.source(): id, title, url, ...).
     sources: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -210,9 +237,14 @@ def context_seed(seed: int | None, source_ids: Sequence[int]) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def contexts_to_tensor(tokenizer: ChatTokenizer, contexts: list[list[str]], max_source_len: int) -> Tensor:
-    """Each context (turn texts, oldest first) -> right-padded ids (C, S): last 7 turns, cut from the left."""
-    rows = [join_context(tokenizer.encode_batch(turns), max_source_len) for turns in contexts]
+def contexts_to_tensor(tokenizer: ChatTokenizer, contexts: list[list[str]], max_source_len: int,
+                       knowledge: list[list[KnowledgePassage]] | None = None) -> Tensor:
+    """Each context (turn texts, oldest first) -> right-padded ids (C, S): last 7 turns, cut from the left,
+    then that context's knowledge passages if given (``chatbot.model_input``)."""
+    knowledge = knowledge or [[] for _ in contexts]
+    rows = [join_context(tokenizer.encode_batch(turns), max_source_len,
+                         tokenizer.encode_batch([knowledge_text(p.title, p.text) for p in passages]) if passages else ())
+            for turns, passages in zip(contexts, knowledge)]
     width = max(len(r) for r in rows)
     src = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -334,7 +366,12 @@ class ReplyEngine:
     def __init__(self, model: ChatModel, tokenizer: ChatTokenizer, device: str | torch.device = "cpu",
                  repetition_filter: RepetitionFilter | None = RepetitionFilter(),
                  safety_filter: SafetyFilter | None = SafetyFilter(), *, fallback_text: str = FALLBACK_TEXT,
+                 retriever: Retriever | None = None, knowledge_passages: int | None = None,
                  ranker: Ranker | None = None):
+        """``retriever``: where knowledge comes from (None: no knowledge).  ``knowledge_passages``: how
+        many retrieved passages the model reads; None takes the model config's (0 for a model not
+        trained on knowledge: passages are then only reported as sources).  ``ranker``: how candidates
+        are ranked (None: the documented default)."""
         if model.config.direction != "forward":
             raise GenerationError("this is a backward model, p(context | reply): it scores replies for MMI "
                                   "ranking (--mmi-model) and cannot write them")
@@ -344,9 +381,31 @@ class ReplyEngine:
         self.repetition_filter = repetition_filter
         self.safety_filter = safety_filter
         self.fallback_text = fallback_text
+        self.retriever = retriever
+        self.knowledge_passages = (getattr(model.config, "knowledge_passages", 0) if knowledge_passages is None
+                                   else knowledge_passages)
         self.ranker = ranker if ranker is not None else default_ranker()  # None: the documented default
         # Never generated: padding, start, separators; end-of-turn is handled by min_new_tokens.
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
+
+    def with_retriever(self, retriever: Retriever | None) -> "ReplyEngine":
+        """A copy of this engine (sharing the model) that retrieves from ``retriever``."""
+        engine = copy.copy(self)
+        engine.retriever = retriever
+        return engine
+
+    def retrieve(self, contexts: list[list[str]]) -> list[list[KnowledgePassage]]:
+        """Each context's passages; a failing retriever costs the sources, never the reply."""
+        if self.retriever is None:
+            return [[] for _ in contexts]
+        try:
+            found = self.retriever.retrieve(contexts)
+            if len(found) != len(contexts):
+                raise GenerationError(f"retriever returned {len(found)} lists for {len(contexts)} contexts")
+            return [list(passages) for passages in found]
+        except Exception:
+            log.exception("knowledge retrieval failed; replying without knowledge")
+            return [[] for _ in contexts]
 
     def reply(self, contexts: list[list[str]], config: DecodingConfig = DecodingConfig(), *,
               return_candidates: bool = False, on_piece: PieceCallback | None = None,
@@ -389,10 +448,17 @@ class _Call:
         self.live: list[LiveStream] = []
         self.source_ids: list[list[int]] = []
         self.enc: EncoderOutput | None = None
+        self.knowledge: list[list[KnowledgePassage]] = [[] for _ in contexts]
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        src = contexts_to_tensor(self.tokenizer, self.contexts, self.model.config.max_source_len)
+        self.knowledge = self.engine.retrieve(self.contexts)
+        n_read = self.engine.knowledge_passages
+        t_retrieved = time.perf_counter()
+        self.timings["retrieve_s"] = t_retrieved - t0
+        t0 = t_retrieved
+        src = contexts_to_tensor(self.tokenizer, self.contexts, self.model.config.max_source_len,
+                                 [passages[:n_read] for passages in self.knowledge] if n_read > 0 else None)
         self.source_ids = [row[row.ne(PAD_ID)].tolist() for row in src]
         src = src.to(self.engine.device)
         t1 = time.perf_counter()
@@ -564,6 +630,7 @@ class _Call:
         self.timings["rank_s"] += now - t0
         reply.timings = {**self.timings, "decode_s": now - self.t_decode - self.timings["rank_s"],
                          "total_s": now - self.t_start}
+        reply.sources = [p.source() for p in self.knowledge[c]]
         self.replies[c] = reply
         if self.on_reply is not None:
             self.on_reply(c, reply)

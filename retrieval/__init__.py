@@ -1,1 +1,1 @@
-"""Knowledge retrieval (FAISS index, passage store, kNN datastore): arrives with the retrieval issue."""
+"""Knowledge retrieval: passages, their embeddings and a FAISS index that grows at runtime (docs/knowledge.md)."""

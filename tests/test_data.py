@@ -4,8 +4,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from chatbot.data import (MAX_CONTEXT_TURNS, CorpusError, ExampleStore, SkipReport, Turn, chitchat_conversations,
-                          jsonl_conversations, merge_consecutive, prepare_splits, split_of, write_split)
+from chatbot.data import (CorpusError, ExampleStore, SkipReport, Turn, chitchat_conversations, jsonl_conversations,
+                          merge_consecutive, prepare_splits, split_of, write_split)
+from chatbot.model_input import MAX_CONTEXT_TURNS
 from chatbot.tokenizer import EOT_ID, SEP_ID, ChatTokenizer
 
 

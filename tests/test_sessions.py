@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from test_service_support import redis_server, run  # noqa: F401  (fixture)
 
-from chatbot.data import MAX_CONTEXT_TURNS
+from chatbot.model_input import MAX_CONTEXT_TURNS
 from chatbot.serve.protocol import SESSION_ID_RE
 from chatbot.serve.redis_backend import open_redis
 from chatbot.testing import RedisProcess

@@ -1,14 +1,15 @@
 """The aiohttp application: an async factory that ``chatbot serve`` and the tests both call.
 
 External resources each get one cleanup context (acquire, yield, release): the model, Redis (and
-its health check), the batcher and the reply service on top of them.  ``stop_gracefully`` shuts down
+its health check), the knowledge index (chatbot/serve/knowledge.py, which also serves the admin API
+under /admin), the batcher and the reply service on top of them.  ``stop_gracefully`` shuts down
 in this order: the listening socket closes; new sessions and messages are refused with a retryable
 ``shutting_down`` error; in-flight replies get ``shutdown_grace_s`` to finish (the rest are failed
 with that error); every websocket is closed with 1001 GOING_AWAY, each client getting
 ``close_grace_s`` to answer the close frame; then aiohttp's own shutdown runs and the contexts unwind
-in reverse: batcher, Redis, model.  The draining happens before aiohttp's shutdown because from then
-on aiohttp stops reading client frames, so a client could neither be told why nor complete the close
-handshake.
+in reverse: batcher, knowledge, Redis, model.  The draining happens before aiohttp's shutdown because
+from then on aiohttp stops reading client frames, so a client could neither be told why nor complete
+the close handshake.
 
 Browser security: every response carries a strict Content-Security-Policy (the page's script and
 styles are static files; nothing inline, nothing from elsewhere), nosniff, no framing and no
@@ -30,6 +31,7 @@ from chatbot.generate import DecodingConfig, ReplyEngine
 from chatbot.serve.batcher import Batcher, Engine
 from chatbot.serve.config import ServeConfig
 from chatbot.serve.connection import ChatConnection
+from chatbot.serve.knowledge import admin_app, knowledge_ctx
 from chatbot.serve.metrics import ServiceMetrics
 from chatbot.serve.protocol import ErrorCode, ProtocolError, shutting_down
 from chatbot.serve.redis_backend import open_redis
@@ -231,7 +233,9 @@ async def create_app(config: ServeConfig | None = None, *, engine: Engine | None
     app[METRICS] = ServiceMetrics()
     app[CONNECTIONS] = weakref.WeakSet()
     # The model first: a bad --model fails before any Redis process is started.
-    app.cleanup_ctx.extend([engine_ctx(engine), redis_ctx, service_ctx])
+    # Knowledge after Redis (its change log lives there), before the batcher (which takes the engine
+    # with its retriever).
+    app.cleanup_ctx.extend([engine_ctx(engine), redis_ctx, knowledge_ctx, service_ctx])
     app.on_shutdown.append(drain_and_close)
     app.on_response_prepare.append(add_security_headers)
     app.router.add_get("/", index)
@@ -240,6 +244,7 @@ async def create_app(config: ServeConfig | None = None, *, engine: Engine | None
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.add_subapp("/admin", admin_app())
     return app
 
 

@@ -44,6 +44,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate-burst", type=int, default=d.rate_burst, help="messages a session may send at once")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
                    help="seconds in-flight replies get to finish on shutdown")
+    p.add_argument("--knowledge", default="default",
+                   help="knowledge index: 'default' (Wikipedia summaries, shipped), an index directory, or 'none'")
+    p.add_argument("--embedder", help="sentence-transformers directory for knowledge (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--knowledge-k", type=int, default=d.knowledge_k, help="passages retrieved per turn")
+    p.add_argument("--knowledge-min-score", type=float, default=d.knowledge_min_score,
+                   help="cosine similarity below which a passage is not used")
+    p.add_argument("--admin-token-file", help="file holding the admin API token (default: $CHATBOT_ADMIN_TOKEN; "
+                                              "neither: the admin API is off)")
     p.add_argument("--close-grace", type=float, default=d.close_grace_s,
                    help="seconds a client gets to answer the server's close frame before TCP is closed")
     p.add_argument("--redis-timeout", type=float, default=d.redis_timeout_s,
@@ -66,9 +74,18 @@ def run_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections, rate_per_minute=args.rate_per_minute, rate_burst=args.rate_burst,
         shutdown_grace_s=args.shutdown_grace, close_grace_s=args.close_grace, redis_timeout_s=args.redis_timeout,
         health_interval_s=args.health_interval, allowed_origins=tuple(args.allowed_origin),
+        knowledge=None if args.knowledge == "none" else args.knowledge, embedder=args.embedder,
+        knowledge_k=args.knowledge_k, knowledge_min_score=args.knowledge_min_score, admin_token=admin_token(args),
     )
     asyncio.run(serve(config))
     return 0
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    """From a file (kept off the command line, where `ps` shows it), else the environment."""
+    if args.admin_token_file:
+        return open(args.admin_token_file).read().strip() or None
+    return os.environ.get("CHATBOT_ADMIN_TOKEN") or None
 
 
 async def serve(config: ServeConfig) -> None:

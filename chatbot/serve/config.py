@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatbot.ranking import RankingConfig
@@ -58,6 +58,14 @@ class ServeConfig:
     rate_burst: int = 10  # messages a session may send at once
     heartbeat_s: float = 30.0  # websocket ping interval; a peer that misses a pong is dropped
     shutdown_grace_s: float = 10.0  # in-flight replies get this long to finish on shutdown
+    # Knowledge (chatbot/serve/knowledge.py): None = none; "default" = the shipped Wikipedia knowledge
+    # base; else an index directory (`chatbot index build`).  `chatbot serve` defaults to "default".
+    knowledge: str | None = None
+    embedder: str | None = None  # sentence-transformers directory; None: the bundled all-MiniLM-L6-v2
+    knowledge_k: int = 3  # passages retrieved per turn
+    knowledge_min_score: float = 0.4  # cosine below which a passage is not used (retrieval/retriever.py)
+    knowledge_snapshot_s: float = 30.0  # at most this often a worker writes a snapshot after changes
+    admin_token: str | None = field(default=None, repr=False)  # None: the admin API answers 403
     # After the server's close frame (1001 on shutdown), how long the client gets to answer with its
     # own before the TCP connection is closed; closing at once can reset a client that was not reading.
     close_grace_s: float = 2.0
@@ -90,6 +98,10 @@ class ServeConfig:
             (self.rate_burst >= 1, "--rate-burst must be >= 1"),
             (self.heartbeat_s > 0, "--heartbeat must be > 0"),
             (self.shutdown_grace_s >= 0, "--shutdown-grace must be >= 0"),
+            (1 <= self.knowledge_k <= 20, "--knowledge-k must be in 1..20"),
+            (-1.0 <= self.knowledge_min_score <= 1.0, "--knowledge-min-score must be in -1..1"),
+            (self.knowledge_snapshot_s > 0, "--knowledge-snapshot-s must be > 0"),
+            (self.admin_token is None or len(self.admin_token) >= 16, "the admin token must have at least 16 characters"),
             (self.close_grace_s >= 0, "--close-grace must be >= 0"),
             (self.redis_timeout_s > 0, "--redis-timeout must be > 0"),
             (self.health_interval_s > 0, "--health-interval must be > 0"),

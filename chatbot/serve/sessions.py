@@ -32,7 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError
 
-from chatbot.data import MAX_CONTEXT_TURNS
+from chatbot.model_input import MAX_CONTEXT_TURNS
 
 # Errors that mean "Redis is not reachable right now", as opposed to a bug in a command.
 UNAVAILABLE_ERRORS = (ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, OSError)
