@@ -77,7 +77,7 @@ GROUNDED_OUT  ?= runs/grounded
 GROUNDED_STEPS ?= 300
 GROUNDED_INDEX ?=
 INDEX_FLAG := $(if $(GROUNDED_INDEX),--index $(GROUNDED_INDEX))
-GROUNDED_FLAGS := --preset default --set knowledge_passages=3 --init-from $(GROUNDED_INIT) \
+GROUNDED_FLAGS := --preset default --set knowledge_passages=3 --set max_source_len=256 --init-from $(GROUNDED_INIT) \
                   --tokenizer $(GROUNDED_INIT)/tokenizer.json --data chitchat --grounded $(GROUNDED_DATA) \
                   --grounded-share 0.3 --batch-tokens 4096 --max-steps $(GROUNDED_STEPS) --warmup-steps 20 \
                   --schedule constant --lr 5e-4 --eval-every 100 --valid-examples 1000 --save-every 25 \

@@ -323,8 +323,9 @@ class Trainer:
         from chatbot.modeldir import load_model
 
         source = load_model(directory)
-        # What may differ: none is a weight's shape (a chat model learns to read passages from its own weights).
-        free = ("direction", "dropout", "attention_dropout", "knowledge_passages")
+        # What may differ: none is a weight's shape (positions are sinusoidal, so the length limits are free
+        # too): a chat model learns to read passages, in a longer source, from its own weights.
+        free = ("direction", "dropout", "attention_dropout", "knowledge_passages", "max_source_len", "max_target_len")
         shape = [{k: v for k, v in c.to_dict().items() if k not in free} for c in (source.model.config, self.model_cfg)]
         if shape[0] != shape[1] or source.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise ValueError(f"--init-from {directory}: its shape or tokenizer differs from this run's "

@@ -141,10 +141,10 @@ def test_fine_tune_a_chat_model_to_read_passages(tiny_model_dir, small_corpus, g
     with pytest.raises(ValueError, match="knowledge_passages"):
         train(TrainConfig(out=str(tmp_path / "no"), **common))
     out = tmp_path / "grounded-model"
-    result = train(TrainConfig(out=str(out), model_overrides=(("knowledge_passages", 3),), **common))
+    result = train(TrainConfig(out=str(out), model_overrides=(("knowledge_passages", 3), ("max_source_len", 128)), **common))
     assert result["examples"] > 0  # validated on the chitchat valid split
     loaded = load_model(out)
-    assert loaded.model.config.knowledge_passages == 3
+    assert loaded.model.config.knowledge_passages == 3 and loaded.model.config.max_source_len == 128  # tiny's: 64
     start = load_model(tiny_model_dir).model.state_dict()
     assert any(not np.allclose(v.numpy(), start[k].numpy()) for k, v in loaded.model.state_dict().items())
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
