@@ -117,3 +117,26 @@ def test_retrieval_decision_skips_small_talk():
         assert retrieval_query([small_talk]) is None, small_talk
     assert retrieval_query(["tell me about the mona lisa"]) == "tell me about the mona lisa"
     assert retrieval_query(["i love jupiter", "who discovered it?"]) == "i love jupiter who discovered it?"
+
+
+def test_a_passage_whose_title_the_query_names_outranks_one_that_only_mentions_it() -> None:
+    from retrieval.documents import Passage
+    from retrieval.knowledge import Hit
+    from retrieval.retriever import TITLE_BONUS, rerank, title_in_query
+
+    assert title_in_query("Mona Lisa", "Who painted the Mona Lisa?")
+    assert title_in_query("Jupiter (god)", "tell me about jupiter")  # the qualifier is not part of the name
+    assert not title_in_query("Art", "who painted the mona lisa? a smart question")  # a phrase, not a substring
+    assert not title_in_query("", "anything")
+
+    def hit(title: str, score: float) -> Hit:
+        return Hit(Passage(id=title, doc_id=title, text="...", title=title), score)
+
+    scroll, mona, raphael = hit("Along the River During the Qingming Festival", 0.61), hit("Mona Lisa", 0.60), \
+        hit("Raphael", 0.51)
+    assert [h.id for h in rerank("Who painted the Mona Lisa?", [scroll, mona, raphael], 2)] == \
+        ["Mona Lisa", "Along the River During the Qingming Festival"]
+    # The bonus only reorders close calls: a much better passage without the title keeps its place.
+    far = hit("Leonardo da Vinci", 0.60 + TITLE_BONUS + 0.05)
+    assert rerank("Who painted the Mona Lisa?", [far, mona], 1)[0].id == "Leonardo da Vinci"
+    assert rerank("Who painted the Mona Lisa?", [scroll, mona], 2)[0].score == 0.60  # scores stay cosines
