@@ -29,13 +29,15 @@ def test_knowledge_follows_the_context_behind_know_tokens_within_the_limit():
     out = join_context(ctx, 80, passages).tolist()
     assert len(out) == 80
     assert out[:11] == join_context(ctx, 80).tolist()  # the whole (short) context first
-    assert out[11] == KNOWLEDGE_ID and out[12:52] == passages[0]  # the best passage whole
-    second = out.index(KNOWLEDGE_ID, 12)
-    assert second == 52 and out[53:] == passages[1][:27]  # the next one cut from the right
-    assert 2000 <= out[-1] < 2040 and 3000 not in out  # no room left for a third
-    assert out.count(KNOWLEDGE_ID) == 2
-    # with 16 fewer tokens the second passage would get 11 tokens of room: it is left out, not squeezed in
-    assert join_context(ctx, 64, passages).tolist().count(KNOWLEDGE_ID) == 1
+    # 69 tokens of budget shared equally: each passage after its <know>, cut from the right to 22 tokens
+    assert out[11:] == [KNOWLEDGE_ID, *passages[0][:22], KNOWLEDGE_ID, *passages[1][:22], KNOWLEDGE_ID, *passages[2][:22]]
+    # a short passage leaves its share to the ones after it
+    short = join_context(ctx, 80, [list(range(1000, 1005)), *passages[1:]]).tolist()
+    assert short[11:18] == [KNOWLEDGE_ID, *range(1000, 1005), KNOWLEDGE_ID] and len(short) == 80
+    assert short.count(KNOWLEDGE_ID) == 3 and short[-1] == 3000 + 30  # (69 - 6) // 2 - 1 = 30 tokens each
+    # a budget of 53 gives three passages 16 tokens each; of 50, 15 each: then only two are read
+    assert join_context(ctx, 64, passages).tolist().count(KNOWLEDGE_ID) == 3
+    assert join_context(ctx, 61, passages).tolist().count(KNOWLEDGE_ID) == 2
 
 
 def test_a_long_context_keeps_half_the_source():
@@ -44,7 +46,7 @@ def test_a_long_context_keeps_half_the_source():
     assert len(out) == 100 and out[50] == KNOWLEDGE_ID  # context: last 50 tokens; passage: the rest
     assert out[:50] == join_context(ctx, 50).tolist()
     tight = join_context(ctx, 100, [list(range(1000, 1200))] * 3).tolist()
-    assert tight.count(KNOWLEDGE_ID) == 1  # a second passage would have < MIN_PASSAGE_TOKENS of room
+    assert tight.count(KNOWLEDGE_ID) == 2  # a third passage would leave each < MIN_PASSAGE_TOKENS of room
     assert MIN_PASSAGE_TOKENS > 0
 
 
