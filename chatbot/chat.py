@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from chatbot.ranking import add_ranking_arguments, ranking_config_from_args
+from chatbot.ranking import DEFAULT_MIN_NEW_TOKENS, add_ranking_arguments, ranking_config_from_args, served_min_new_tokens
 
 # Decoding flags, named as DecodingConfig's fields.  Flags left out keep DecodingConfig's defaults (the
 # engine is the one place they are defined).
@@ -36,7 +36,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
                    help="sample from the smallest set with this much probability (default 1.0: all)")
     g.add_argument("--beam-size", type=int, help="beams, for --strategy beam (default 4)")
     g.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens (default 40)")
-    g.add_argument("--min-new-tokens", type=int, help="no end of reply before this many tokens (default 1)")
+    g.add_argument("--min-new-tokens", type=int, help=f"no end of reply before this many tokens (default {DEFAULT_MIN_NEW_TOKENS})")
     g.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
     add_ranking_arguments(p.add_argument_group("ranking of sample-and-rank candidates (docs/generation.md)"))
     p.add_argument("--show-candidates", action="store_true",
@@ -64,6 +64,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from chatbot.modeldir import load_model
 
     overrides = {name: getattr(args, name) for name in DECODING_FIELDS if getattr(args, name) is not None}
+    if "min_new_tokens" not in overrides:
+        overrides["min_new_tokens"] = served_min_new_tokens(overrides.get("max_new_tokens", DecodingConfig.max_new_tokens))
     config = DecodingConfig(**overrides)  # bad flags fail here, before the model loads
     ranking = ranking_config_from_args(args)
     safety = SafetyFilter.from_file(args.blocklist) if args.blocklist else SafetyFilter()
