@@ -62,11 +62,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from chatbot.decoding import (BanTokens, CandidateDecoder, Draft, LogitsProcessor, MinLength, NextTokens, Sampling,
+                              teacher_forced_logprobs)
 from chatbot.model_input import join_context, knowledge_text
 from chatbot.filters import RepetitionFilter, SafetyFilter
 from chatbot.model import ChatModel, EncoderOutput
 from chatbot.ranking import Ranker, default_ranker
-from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS, ChatTokenizer
+from chatbot.tokenizer import EOT_ID, PAD_ID, SPECIAL_TOKENS, ChatTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -176,23 +178,6 @@ class Reply:
     sources: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class Draft:
-    """One decoded candidate before detokenizing and filtering."""
-
-    token_ids: list[int] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)  # one per scored token, </t> included
-    finished: bool = False  # ended with </t> (else it hit max_new_tokens or was cut)
-
-    @property
-    def log_likelihood(self) -> float:
-        return float(sum(self.token_logprobs))
-
-    @property
-    def normalized_log_likelihood(self) -> float:
-        return self.log_likelihood / max(len(self.token_logprobs), 1)
-
-
 # ----------------------------------------------------------------------------------------- helpers
 
 
@@ -250,20 +235,6 @@ def contexts_to_tensor(tokenizer: ChatTokenizer, contexts: list[list[str]], max_
     for i, r in enumerate(rows):
         src[i, : len(r)] = torch.from_numpy(r)
     return src
-
-
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Mask all but the top-k tokens and/or the smallest set with cumulative probability >= top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
 
 
 def word_pieces(text: str) -> list[str]:
@@ -367,11 +338,12 @@ class ReplyEngine:
                  repetition_filter: RepetitionFilter | None = RepetitionFilter(),
                  safety_filter: SafetyFilter | None = SafetyFilter(), *, fallback_text: str = FALLBACK_TEXT,
                  retriever: Retriever | None = None, knowledge_passages: int | None = None,
-                 ranker: Ranker | None = None):
+                 ranker: Ranker | None = None, processors: Sequence[LogitsProcessor] = ()):
         """``retriever``: where knowledge comes from (None: no knowledge).  ``knowledge_passages``: how
         many retrieved passages the model reads; None takes the model config's (0 for a model not
         trained on knowledge: passages are then only reported as sources).  ``ranker``: how candidates
-        are ranked (None: the documented default)."""
+        are ranked (None: the documented default).  ``processors``: change the next-token distribution
+        that every strategy samples, scores and ranks by (``chatbot.decoding``; kNN-LM is one)."""
         if model.config.direction != "forward":
             raise GenerationError("this is a backward model, p(context | reply): it scores replies for MMI "
                                   "ranking (--mmi-model) and cannot write them")
@@ -385,6 +357,7 @@ class ReplyEngine:
         self.knowledge_passages = (getattr(model.config, "knowledge_passages", 0) if knowledge_passages is None
                                    else knowledge_passages)
         self.ranker = ranker if ranker is not None else default_ranker()  # None: the documented default
+        self.processors = list(processors)
         # Never generated: padding, start, separators; end-of-turn is handled by min_new_tokens.
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
 
@@ -428,7 +401,8 @@ class ReplyEngine:
 
 
 class _Call:
-    """The state of one ``reply`` call: decoding loops, then per-context filtering, ranking and delivery."""
+    """The state of one ``reply`` call: tokenize and encode, decode (``chatbot.decoding``), then per context
+    filter, rank, fall back and deliver."""
 
     def __init__(self, engine: ReplyEngine, contexts: list[list[str]], config: DecodingConfig,
                  return_candidates: bool, on_piece: PieceCallback | None, on_reply: ReplyCallback | None,
@@ -465,161 +439,30 @@ class _Call:
         self.enc = self.model.encode(src)
         self.timings["tokenize_s"], self.timings["encode_s"] = t1 - t0, time.perf_counter() - t1
         self.t_decode = time.perf_counter()
-        strategy = self.config.strategy
-        if strategy == "beam":
-            self._beam_search()
-        else:
-            if self.config.streams_while_decoding:
-                self.live = [LiveStream(i, ctx, self.engine.safety_filter, self.tokenizer, self.on_piece)
-                             for i, ctx in enumerate(self.contexts)]
-            n = self.config.num_candidates if strategy == "sample_and_rank" else 1
-            self._sample(n, greedy=strategy == "greedy")
-
-    # -- decoding loops
-
-    def _pick(self, logprobs: Tensor, step: int, segments: list[tuple[int, int]], generators: list[torch.Generator],
-              greedy: bool) -> Tensor:
-        """Next token per row: log-probabilities (R, V) -> (R,).  ``segments``: (context, rows) blocks in row order."""
         cfg = self.config
-        # A new tensor either way, so the masks below may write in place.
-        scores = logprobs.clone() if greedy else logprobs / cfg.temperature
-        scores[:, self.engine.banned_ids] = float("-inf")
-        if step < self.min_new_tokens:
-            scores[:, EOT_ID] = float("-inf")
-        if greedy:
-            return scores.argmax(-1)
-        scores = filter_logits(scores, cfg.top_k, cfg.top_p)
-        # Inverse-CDF sampling on unnormalised weights (the draw is scaled by the total instead), one
-        # uniform draw per row from that row's context generator, so batching changes nothing.  Several
-        # times cheaper than softmax + torch.multinomial over an 8K vocabulary; in place, because at
-        # (rows, vocabulary) every fresh buffer costs page faults.
-        cdf = scores.sub_(scores.max(-1, keepdim=True).values).exp_().cumsum_(-1)  # the best token weighs 1
-        uniform = torch.cat([torch.rand(count, generator=generators[context], device=logprobs.device)
-                             for context, count in segments])
-        # right=True: the first token whose cumulative weight exceeds the draw; zero-weight tokens never win
-        picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
-        return picked.clamp_max(logprobs.shape[-1] - 1)
-
-    def _sample(self, n: int, greedy: bool) -> None:
-        """sample_and_rank (n candidates per context), sample and greedy (n = 1)."""
-        C, device = len(self.contexts), self.engine.device
-        generators = [torch.Generator(device=device).manual_seed(context_seed(self.config.seed, ids))
+        next_tokens = NextTokens(self.model, self.engine.processors,
+                                 [BanTokens(tuple(self.engine.banned_ids)), MinLength(self.min_new_tokens)])
+        decoder = CandidateDecoder(self.model, next_tokens, self.max_new_tokens, self._finish_context,
+                                   on_step=self._count_step)
+        if cfg.strategy == "beam":
+            decoder.beam(self.enc, cfg.beam_size, self._rank_key)
+            return
+        generators = [torch.Generator(device=self.engine.device).manual_seed(context_seed(cfg.seed, ids))
                       for ids in self.source_ids]
-        state = self.model.start_decoding(self.enc, repeats=n, max_new_tokens=self.max_new_tokens)
-        drafts = [Draft() for _ in range(C * n)]
-        rows = torch.arange(C * n, device=device)  # which draft each live row is; stays context-major
-        remaining = [n] * C
-        tokens = torch.full((C * n, 1), BOS_ID, dtype=torch.long, device=device)
-        for step in range(self.max_new_tokens):
-            self.timings["decode_steps"] = float(step + 1)  # before any reply of this step snapshots it
-            # The model's own distribution (temperature 1): what ranking scores.
-            logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (R, V)
-            contexts_of, counts = torch.unique_consecutive(rows // n, return_counts=True)
-            nxt = self._pick(logprobs, step, list(zip(contexts_of.tolist(), counts.tolist())), generators, greedy)
-            picked = logprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
-            last_step = step == self.max_new_tokens - 1
-            keep, done_contexts = [], []
-            for i, (r, t, lp) in enumerate(zip(rows.tolist(), nxt.tolist(), picked)):
-                draft, c = drafts[r], r // n
-                draft.token_logprobs.append(lp)
-                if t == EOT_ID:
-                    draft.finished = True
-                    ends = True
-                else:
-                    draft.token_ids.append(t)
-                    ends = last_step or (bool(self.live) and not self.live[c].advance(draft.token_ids))
-                if not ends:
-                    keep.append(i)
-                    continue
-                remaining[c] -= 1
-                if remaining[c] == 0:
-                    done_contexts.append(c)
-            for c in done_contexts:
-                self._finish_context(c, drafts[c * n:(c + 1) * n])
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                state.select(index)  # finished rows leave the batch: no more work for them
-                rows, nxt = rows[index], nxt[index]
-            tokens = nxt[:, None]
+        keep_going = None
+        if cfg.streams_while_decoding:
+            self.live = [LiveStream(i, ctx, self.engine.safety_filter, self.tokenizer, self.on_piece)
+                         for i, ctx in enumerate(self.contexts)]
+            keep_going = lambda c, draft: self.live[c].advance(draft.token_ids)  # noqa: E731
+        n = cfg.num_candidates if cfg.strategy == "sample_and_rank" else 1
+        sampling = Sampling(cfg.strategy == "greedy", cfg.temperature, cfg.top_k, cfg.top_p)
+        decoder.sample(self.enc, n, sampling, generators, keep_going)
 
-    def _beam_search(self) -> None:
-        """Beam search with ``beam_size`` beams per context, reordered through ``DecoderState.select``.
-
-        Each step extends every beam by every token and keeps the top 2B (so B survive even if B of
-        them end); an end-of-turn among the top B becomes a finished hypothesis.  A context stops when
-        it has B finished hypotheses and its best live beam cannot beat the worst of them: exact for
-        total log-likelihood (scores only fall), the usual heuristic under length normalization.
-        """
-        C, B, device = len(self.contexts), self.config.beam_size, self.engine.device
-        V = self.model.config.vocab_size
-        state = self.model.start_decoding(self.enc, repeats=B, max_new_tokens=self.max_new_tokens)
-        live = list(range(C))  # the context of each block of B rows
-        beams = [[Draft() for _ in range(B)] for _ in range(C)]
-        finished: list[list[Draft]] = [[] for _ in range(C)]
-        # All beams start identical; only the first may expand at step 0, or the top-B would be B copies.
-        scores = torch.full((C, B), float("-inf"), device=device)
-        scores[:, 0] = 0.0
-        tokens = torch.full((C * B, 1), BOS_ID, dtype=torch.long, device=device)
-        for step in range(self.max_new_tokens):
-            self.timings["decode_steps"] = float(step + 1)  # before any reply of this step snapshots it
-            logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (L*B, V)
-            allowed = logprobs.clone()
-            allowed[:, self.engine.banned_ids] = float("-inf")
-            if step < self.min_new_tokens:
-                allowed[:, EOT_ID] = float("-inf")
-            total = (scores.reshape(-1, 1) + allowed).view(len(live), B * V)
-            top_scores, top_index = total.topk(min(2 * B, B * V), dim=1)  # (L, 2B)
-            top_beam, top_token = top_index // V, top_index % V
-            top_logprob = logprobs.view(len(live), B, V)[
-                torch.arange(len(live), device=device)[:, None], top_beam, top_token]
-            rows, next_tokens, next_scores, next_live, next_beams = [], [], [], [], []
-            for i, c in enumerate(live):
-                extended: list[tuple[int, int, float, float]] = []
-                for rank, (s, b, t, lp) in enumerate(zip(top_scores[i].tolist(), top_beam[i].tolist(),
-                                                         top_token[i].tolist(), top_logprob[i].tolist())):
-                    if s == float("-inf") or len(extended) == B:
-                        break
-                    parent = beams[i][b]
-                    if t == EOT_ID:
-                        if rank < B:
-                            finished[c].append(Draft(list(parent.token_ids), parent.token_logprobs + [lp], True))
-                        continue
-                    extended.append((b, t, s, lp))
-                children = [Draft(beams[i][b].token_ids + [t], beams[i][b].token_logprobs + [lp])
-                            for b, t, _, lp in extended]
-                if step == self.max_new_tokens - 1 or not children or self._beam_done(finished[c], children[0]):
-                    self._finish_context(c, self._best_hypotheses(finished[c] + children, B))
-                    continue
-                while len(children) < B:  # only with a vocabulary smaller than 2B: pad with dead beams
-                    extended.append(extended[-1][:2] + (float("-inf"), 0.0))
-                    children.append(children[-1])
-                next_live.append(c)
-                next_beams.append(children)
-                for b, t, s, _ in extended:
-                    rows.append(i * B + b)
-                    next_tokens.append(t)
-                    next_scores.append(s)
-            if not next_live:
-                break
-            state.select(torch.tensor(rows, device=device))  # follow the beams; finished contexts leave
-            live, beams = next_live, next_beams
-            scores = torch.tensor(next_scores, device=device).view(len(live), B)
-            tokens = torch.tensor(next_tokens, device=device)[:, None]
+    def _count_step(self, steps: int) -> None:
+        self.timings["decode_steps"] = float(steps)
 
     def _rank_key(self, draft: Draft) -> float:
         return self.engine.ranker.search_score(draft.log_likelihood, len(draft.token_logprobs))
-
-    def _beam_done(self, finished: list[Draft], best_live: Draft) -> bool:
-        B = self.config.beam_size
-        if len(finished) < B:
-            return False
-        worst_kept = sorted((self._rank_key(d) for d in finished), reverse=True)[B - 1]
-        return self._rank_key(best_live) <= worst_kept
-
-    def _best_hypotheses(self, drafts: list[Draft], k: int) -> list[Draft]:
-        return sorted(drafts, key=self._rank_key, reverse=True)[:k]
 
     # -- per context: filter, rank, fall back, deliver
 
@@ -702,9 +545,4 @@ class _Call:
                 self.on_piece(c, piece)
 
     def _teacher_forced_logprobs(self, c: int, ids: list[int]) -> list[float]:
-        device = self.engine.device
-        enc = EncoderOutput(self.enc.states[c:c + 1], self.enc.padding[c:c + 1])
-        tgt_in = torch.tensor([[BOS_ID] + ids], device=device)
-        targets = torch.tensor([ids + [EOT_ID]], device=device)
-        logprobs = self.model.decode(tgt_in, enc).float().log_softmax(-1)
-        return logprobs.gather(2, targets[..., None])[0, :, 0].tolist()
+        return teacher_forced_logprobs(self.model, self.enc, [c], [ids], self.engine.processors)[0]
