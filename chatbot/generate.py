@@ -44,6 +44,12 @@ decides when a turn deserves any: none for "hi").  Each Reply's ``sources`` list
 for it (id, title, url, score).  The passages reach the encoder (after the context, each behind the
 reserved ``<know>`` token: ``chatbot.model_input``) only for a model trained to read them
 (``knowledge_passages`` > 0 in its config), so the shipped chitchat model's replies stay as they were.
+
+Memory (docs/memory.md).  Decoding runs through one seam (``chatbot.decoding``): ``processors`` change
+the distribution every strategy samples, scores and ranks by (kNN-LM, ``chatbot.memory``).  An engine
+given a ``reply_memory`` (``chatbot.reply_memory``) adds the human replies of the training examples
+nearest each context to the ranked candidates (``kind="conversation"``, scored teacher-forced like the
+others) and lists the nearest examples in the reply's ``sources``.
 """
 
 from __future__ import annotations
@@ -104,6 +110,13 @@ class Retriever(Protocol):
     def retrieve(self, contexts: list[list[str]]) -> list[list[KnowledgePassage]]: ...
 
 
+class ReplyRetriever(Protocol):
+    """Training examples near each context, best first (``chatbot.reply_memory.ReplyMemory`` is one);
+    each hit has ``text`` (the human reply) and ``source(copied)`` (its ``sources`` entry)."""
+
+    def retrieve(self, contexts: list[list[str]]) -> list[list[Any]]: ...
+
+
 class GenerationError(ValueError):
     """Bad input to the reply engine: the message names the field, the context and turn, and the limit."""
 
@@ -162,6 +175,10 @@ class ScoredCandidate:
     dropped_by: str | None  # None: kept; else "safety", "repetition" or "self_repetition"
     scored_tokens: int = 0  # tokens that log_likelihood sums over
     score: float = 0.0  # the ranker's score, higher is better (chatbot.ranking)
+    # "generated", or "conversation": a human reply from the training data (chatbot.reply_memory), whose
+    # ``source`` names its conversation and turn
+    kind: str = "generated"
+    source: dict[str, Any] | None = None
 
 
 @dataclass
@@ -338,12 +355,16 @@ class ReplyEngine:
                  repetition_filter: RepetitionFilter | None = RepetitionFilter(),
                  safety_filter: SafetyFilter | None = SafetyFilter(), *, fallback_text: str = FALLBACK_TEXT,
                  retriever: Retriever | None = None, knowledge_passages: int | None = None,
-                 ranker: Ranker | None = None, processors: Sequence[LogitsProcessor] = ()):
+                 ranker: Ranker | None = None, processors: Sequence[LogitsProcessor] = (),
+                 reply_memory: ReplyRetriever | None = None, memory_candidates: int = 0, memory_sources: int = 0):
         """``retriever``: where knowledge comes from (None: no knowledge).  ``knowledge_passages``: how
         many retrieved passages the model reads; None takes the model config's (0 for a model not
         trained on knowledge: passages are then only reported as sources).  ``ranker``: how candidates
         are ranked (None: the documented default).  ``processors``: change the next-token distribution
-        that every strategy samples, scores and ranks by (``chatbot.decoding``; kNN-LM is one)."""
+        that every strategy samples, scores and ranks by (``chatbot.decoding``; kNN-LM is one).
+        ``reply_memory`` (``chatbot.reply_memory``): training examples near each context; the human replies
+        of the nearest ``memory_candidates`` join the ranked candidates (sample_and_rank and beam), and the
+        nearest ``memory_sources`` are listed in each reply's sources as its explanation."""
         if model.config.direction != "forward":
             raise GenerationError("this is a backward model, p(context | reply): it scores replies for MMI "
                                   "ranking (--mmi-model) and cannot write them")
@@ -358,6 +379,9 @@ class ReplyEngine:
                                    else knowledge_passages)
         self.ranker = ranker if ranker is not None else default_ranker()  # None: the documented default
         self.processors = list(processors)
+        if memory_candidates < 0 or memory_sources < 0:
+            raise GenerationError("memory_candidates and memory_sources must be >= 0")
+        self.reply_memory, self.memory_candidates, self.memory_sources = reply_memory, memory_candidates, memory_sources
         # Never generated: padding, start, separators; end-of-turn is handled by min_new_tokens.
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
 
@@ -378,6 +402,19 @@ class ReplyEngine:
             return [list(passages) for passages in found]
         except Exception:
             log.exception("knowledge retrieval failed; replying without knowledge")
+            return [[] for _ in contexts]
+
+    def retrieve_replies(self, contexts: list[list[str]]) -> list[list[Any]]:
+        """Each context's nearest training examples; a failing memory costs them, never the reply."""
+        if self.reply_memory is None or not (self.memory_candidates or self.memory_sources):
+            return [[] for _ in contexts]
+        try:
+            found = self.reply_memory.retrieve(contexts)
+            if len(found) != len(contexts):
+                raise GenerationError(f"reply memory returned {len(found)} lists for {len(contexts)} contexts")
+            return [list(hits) for hits in found]
+        except Exception:
+            log.exception("reply memory retrieval failed; replying without it")
             return [[] for _ in contexts]
 
     def reply(self, contexts: list[list[str]], config: DecodingConfig = DecodingConfig(), *,
@@ -423,6 +460,8 @@ class _Call:
         self.source_ids: list[list[int]] = []
         self.enc: EncoderOutput | None = None
         self.knowledge: list[list[KnowledgePassage]] = [[] for _ in contexts]
+        self.memory_hits: list[list[Any]] = [[] for _ in contexts]
+        self.copied: list[dict[str, Any] | None] = [None] * len(contexts)  # the chosen retrieved reply's source
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -430,7 +469,9 @@ class _Call:
         n_read = self.engine.knowledge_passages
         t_retrieved = time.perf_counter()
         self.timings["retrieve_s"] = t_retrieved - t0
-        t0 = t_retrieved
+        self.memory_hits = self.engine.retrieve_replies(self.contexts)
+        t0 = time.perf_counter()
+        self.timings["memory_s"] = t0 - t_retrieved
         src = contexts_to_tensor(self.tokenizer, self.contexts, self.model.config.max_source_len,
                                  [passages[:n_read] for passages in self.knowledge] if n_read > 0 else None)
         self.source_ids = [row[row.ne(PAD_ID)].tolist() for row in src]
@@ -473,7 +514,7 @@ class _Call:
         self.timings["rank_s"] += now - t0
         reply.timings = {**self.timings, "decode_s": now - self.t_decode - self.timings["rank_s"],
                          "total_s": now - self.t_start}
-        reply.sources = [p.source() for p in self.knowledge[c]]
+        reply.sources = [p.source() for p in self.knowledge[c]] + self._memory_sources(c)
         self.replies[c] = reply
         if self.on_reply is not None:
             self.on_reply(c, reply)
@@ -492,7 +533,7 @@ class _Call:
 
     def _finish_ranked(self, c: int, drafts: list[Draft]) -> Reply:
         context = self.contexts[c]
-        candidates = self._scored(drafts)
+        candidates = self._scored(drafts) + self._retrieved_candidates(c)
         for cand, verdict in zip(candidates, self._verdicts(context, [cand.text for cand in candidates])):
             cand.dropped_by = verdict
         ranked = rank_candidates(self.engine.ranker, context, candidates)
@@ -502,9 +543,35 @@ class _Call:
         else:
             reply = Reply(chosen.text, chosen.token_ids, chosen.log_likelihood, chosen.normalized_log_likelihood,
                           None, all_filtered, {})
+            self.copied[c] = chosen.source
             self._deliver(c, reply.text)
         reply.candidates = ranked if self.return_candidates else None
         return reply
+
+    def _retrieved_candidates(self, c: int) -> list[ScoredCandidate]:
+        """The human replies of the nearest training examples, scored like the sampled candidates."""
+        limit = self.model.config.max_target_len - 1  # what the model was trained to score
+        hits = [(hit, ids) for hit in self.memory_hits[c][:self.engine.memory_candidates]
+                if 0 < len(ids := self.tokenizer.encode(hit.text)) <= limit]
+        if not hits:
+            return []
+        scores = teacher_forced_logprobs(self.model, self.enc, [c] * len(hits), [ids for _, ids in hits],
+                                         self.engine.processors)
+        out = []
+        for (hit, ids), lps in zip(hits, scores):
+            draft = Draft(ids, lps, True)
+            out.append(ScoredCandidate(hit.text.strip(), ids, draft.log_likelihood, draft.normalized_log_likelihood,
+                                       None, scored_tokens=len(lps), score=self._rank_key(draft),
+                                       kind="conversation", source=hit.source(copied=True)))
+        return out
+
+    def _memory_sources(self, c: int) -> list[dict[str, Any]]:
+        """The copied human reply's source first (when the reply is one), then the nearest examples."""
+        copied = self.copied[c]
+        near = [hit.source(copied=False) for hit in self.memory_hits[c][:self.engine.memory_sources]]
+        if copied is None:
+            return near
+        return [copied] + [s for s in near if s["id"] != copied["id"]]
 
     def _finish_streamed(self, c: int, draft: Draft) -> Reply:
         stream = self.live[c]
