@@ -99,6 +99,7 @@ class LiveKnowledge:
         self._outcomes: dict[str, dict] = {}
         self._advanced = asyncio.Condition()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._work_dir: Path | None = None
         self._snapshot_position = "0-0"
         self._last_snapshot = 0.0
@@ -132,11 +133,15 @@ class LiveKnowledge:
 
     async def close(self, snapshot: bool = True) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Never cancel the follower inside XREAD BLOCK: redis-py's asyncio client can swallow that
+            # cancellation and leave the task hanging (redis/redis-py#2579).  Ask it to stop; each XREAD
+            # returns within follow_block_ms, so it ends by itself.  Cancelling is the last resort.
+            self._stopping = True
+            done, _ = await asyncio.wait({self._task}, timeout=follow_block_ms(self.redis) / 1000 + 5.0)
+            if not done:
+                log.warning("knowledge follower did not stop in time; cancelling it")
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             self._task = None
         if self.index is not None:
             if snapshot:
@@ -220,7 +225,7 @@ class LiveKnowledge:
                 await self._apply(_text(entry_id), fields)
 
     async def _follow(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 response = await self.redis.xread({LOG_KEY: self.position}, block=follow_block_ms(self.redis), count=500)
                 streams = response.items() if isinstance(response, dict) else (response or [])  # RESP3 / RESP2
@@ -231,8 +236,9 @@ class LiveKnowledge:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis away: keep serving what we have, retry shortly
-                log.warning("knowledge log unreachable (%s); retrying", e)
-                await asyncio.sleep(0.5)
+                if not self._stopping:
+                    log.warning("knowledge log unreachable (%s); retrying", e)
+                    await asyncio.sleep(0.5)
 
     async def _apply(self, entry_id: str, raw_fields: dict) -> None:
         async with self._apply_lock:
