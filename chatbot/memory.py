@@ -214,7 +214,10 @@ def build_ivfpq(directory: Path, keys: np.ndarray, ivf_lists: int | None, pq_m: 
         raise DatastoreError(f"--pq-m {pq_m} must divide the key dimension {d}")
     factory = resolve_factory(f"IVF{ivf_lists or ivf_lists_for(n)},PQ{pq_m}x{pq_bits}", n)
     index = faiss.index_factory(d, factory, faiss.METRIC_L2)
-    sample = np.sort(np.random.default_rng(0).choice(n, min(n, 256 * 64), replace=False))
+    # k-means wants tens of points per list, PQ's codebooks 2^bits x tens: a sample covering both.
+    lists = faiss.extract_index_ivf(index).nlist if factory.startswith("IVF") else 1
+    wanted = max(64 * lists, 64 * 2 ** pq_bits)
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, wanted), replace=False))
     index.train(np.ascontiguousarray(keys[sample], dtype=np.float32))
     for start in range(0, n, 65536):
         index.add(np.ascontiguousarray(keys[start:start + 65536], dtype=np.float32))
