@@ -10,6 +10,10 @@ the retrieved passages (teacher-forced, token-weighted, base e: docs/evaluation.
 the share of turns whose top source is the gold article.  The goal: F1 with retrieval at least 2x
 without.  Meaningful only for a model trained on knowledge (``knowledge_passages`` > 0 in its config);
 for another, ``--knowledge-passages N`` forces N passages into its input anyway.
+
+``--chitchat-baseline DIR`` adds the shipping rule's check in the same run: chitchat test perplexity
+(``chatbot eval perplexity``'s definition) of the model and of DIR, the model it started from; ship the
+knowledge model only if its ratio is <= 1.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import time
 from collections import Counter
 
 import torch
@@ -68,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knowledge-passages", type=int, help="passages the model reads (default: its config's)")
     p.add_argument("--num-candidates", type=int, default=12)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--chitchat-baseline", metavar="DIR",
+                   help="also chitchat test perplexity of --model and of DIR (the model it started from), side by side")
+    p.add_argument("--chitchat-max-examples", type=int, help="first N test examples for the perplexities (default: all)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", help="JSON results file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tqdm import tqdm
 
     from chatbot.generate import DecodingConfig, ReplyEngine
     from chatbot.modeldir import load_model
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     examples = list(read_examples(f"{args.data}/heldout.jsonl"))[: args.n]
     cfg = DecodingConfig(num_candidates=args.num_candidates, seed=args.seed)
     f1_with, f1_without, nll_with, nll_without, tokens, top_gold = [], [], 0.0, 0.0, 0, 0
-    for ex in examples:
+    t0 = time.perf_counter()
+    for ex in tqdm(examples, desc="Q4", unit=" question", disable=None):
         context = [t["text"] for t in ex["turns"][:-1]]
         gold = ex["turns"][-1]["text"]
         (without,) = plain.reply([context], cfg)
@@ -107,13 +120,27 @@ def main(argv: list[str] | None = None) -> int:
               "knowledge_passages_read": n_read, "f1_without": mean(f1_without), "f1_with": mean(f1_with),
               "f1_ratio": mean(f1_with) / max(mean(f1_without), 1e-9),
               "ppl_gold_without": math.exp(nll_without / max(tokens, 1)),
-              "ppl_gold_with": math.exp(nll_with / max(tokens, 1)), "top_source_is_gold": top_gold / max(len(examples), 1)}
+              "ppl_gold_with": math.exp(nll_with / max(tokens, 1)), "top_source_is_gold": top_gold / max(len(examples), 1),
+              "q4_seconds": round(time.perf_counter() - t0, 1)}
     print(f"{len(examples)} held-out questions, model reads {n_read} passages: unigram F1 {result['f1_without']:.3f} "
           f"without retrieval, {result['f1_with']:.3f} with ({result['f1_ratio']:.2f}x; goal >= 2x); gold-reply "
           f"perplexity {result['ppl_gold_without']:.1f} -> {result['ppl_gold_with']:.1f}; top source is the gold "
           f"article {100 * result['top_source_is_gold']:.0f}%")
-    write_json(args.out, result)
     kb.close()
+    if args.chitchat_baseline:
+        from eval.perplexity import model_dir_perplexity
+
+        t0 = time.perf_counter()
+        ppl = {}
+        for name, directory in (("model", args.model), ("baseline", args.chitchat_baseline)):
+            ppl[name] = model_dir_perplexity(directory, "test", max_examples=args.chitchat_max_examples)[1].perplexity
+        ratio = ppl["model"] / ppl["baseline"]
+        result.update(chitchat_baseline=args.chitchat_baseline, chitchat_test_ppl=ppl["model"],
+                      chitchat_test_ppl_baseline=ppl["baseline"], chitchat_ppl_ratio=ratio,
+                      ship_rule_met=ratio <= 1.0, chitchat_seconds=round(time.perf_counter() - t0, 1))
+        print(f"chitchat test perplexity {ppl['model']:.2f} vs {ppl['baseline']:.2f} for {args.chitchat_baseline} "
+              f"({ratio:.3f}x): {'no worse, may ship' if ratio <= 1 else 'WORSE, do not ship'}")
+    write_json(args.out, result)
     return 0
 
 

@@ -22,6 +22,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set n_decoder_layers=7 (repeatable)")
     p.add_argument("--data", default="chitchat", help="'chitchat' (bundled) or a JSONL corpus file (see docs/data.md)")
+    p.add_argument("--grounded", metavar="DIR",
+                   help="add a `chatbot index training-data` directory's SYNTHETIC knowledge-grounded examples (with "
+                        "their passages) to the train split; needs --set knowledge_passages=N (docs/knowledge.md)")
+    p.add_argument("--grounded-share", type=float, metavar="S",
+                   help="grounded examples' share of the train mix, repeating them as needed (default: each once)")
     p.add_argument("--out", required=True, help="output directory (model directory + train_state/)")
     p.add_argument("--direction", default="forward", choices=["forward", "backward"],
                    help="forward: a chat model, p(reply | context); backward: p(last context turn | reply), "
@@ -81,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
     from chatbot.train import TrainConfig, train
 
     cfg = TrainConfig(
-        out=args.out, preset=args.preset, data=args.data, direction=args.direction, block_type=args.block_type,
+        out=args.out, preset=args.preset, data=args.data, grounded=args.grounded, grounded_share=args.grounded_share, direction=args.direction, block_type=args.block_type,
         model_overrides=parse_overrides(args.set), tokenizer=args.tokenizer, init_from=args.init_from, vocab_size=args.vocab_size,
         skip_bad_lines=args.skip_bad_lines, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, schedule=args.schedule, max_steps=args.max_steps,

@@ -6,7 +6,8 @@ The context is the last ``MAX_CONTEXT_TURNS`` turns joined by ``<sep>``, cut fro
 words matter most).  Knowledge passages, when given, follow the context, each after the reserved
 ``<know>`` token and cut from the right (a passage's first sentences carry its topic), best first.
 The context keeps at least half of ``max_source_len`` (or all of itself, if shorter); passages share
-the rest, and a passage with fewer than ``MIN_PASSAGE_TOKENS`` tokens of room is left out.  Without
+the rest equally (what a short passage leaves goes to the ones after it), as many of them as can have
+``MIN_PASSAGE_TOKENS`` tokens each; the rest are left out.  Without
 knowledge the source is exactly the context, so a model trained before knowledge existed reads what it
 was trained on.
 """
@@ -40,12 +41,17 @@ def join_context(turns: Sequence, max_source_len: int, knowledge: Sequence = ())
     if not len(knowledge):
         return context[-max_source_len:]
     budget = max_source_len - min(len(context), max_source_len // 2)
+    # Every passage gets an equal share of the budget (what a short one leaves goes to those after it),
+    # so the model sees each one it is given, not just the first: a passage of ~130 tokens would fill the
+    # whole budget alone.  As many passages as can have MIN_PASSAGE_TOKENS each are read, best first.
+    knowledge = list(knowledge)
+    n = len(knowledge)
+    while n and budget // n - 1 < MIN_PASSAGE_TOKENS:
+        n -= 1
     pieces: list[np.ndarray] = []
     used = 0
-    for ids in knowledge:
-        room = budget - used - 1  # one for <know>
-        if room < MIN_PASSAGE_TOKENS:
-            break
+    for i, ids in enumerate(knowledge[:n]):
+        room = (budget - used) // (n - i) - 1  # one for <know>
         piece = np.asarray(ids, dtype=np.int64)[:room]
         pieces.extend([np.array([KNOWLEDGE_ID], dtype=np.int64), piece])
         used += 1 + len(piece)

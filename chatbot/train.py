@@ -30,7 +30,7 @@ from tqdm import tqdm
 from chatbot import checkpoint
 from chatbot.checkpoint import METRICS, Progress, ResumeError, rank_batches
 from chatbot.config import ModelConfig, preset
-from chatbot.data import SPLITS, ExampleStore, conversations, prepare_splits, split_of
+from chatbot.data import SPLITS, ExampleStore, MixedExamples, conversations, prepare_grounded, prepare_splits, split_of
 from chatbot.model import ChatModel, sequence_nll
 from chatbot.modeldir import TOKENIZER
 from chatbot.tokenizer import ChatTokenizer
@@ -46,6 +46,10 @@ class TrainConfig:
     out: str
     preset: str = "default"
     data: str = "chitchat"
+    # A `chatbot index training-data` directory whose train.jsonl joins the train split, each example with
+    # its passages (SYNTHETIC: docs/knowledge.md); validation stays on data's valid split.
+    grounded: str | None = None
+    grounded_share: float | None = None  # grounded examples' share of the train mix (None: each once)
     direction: Literal["forward", "backward"] = "forward"  # backward: p(last context turn | reply), for MMI
     block_type: Literal["evolved", "vanilla"] | None = None  # overrides the preset's
     model_overrides: tuple[tuple[str, Any], ...] = ()  # (field, value) pairs applied to the preset
@@ -87,6 +91,8 @@ class TrainConfig:
             raise ValueError("threads must be >= 1")
         if self.snapshot_every < 0:
             raise ValueError("snapshot_every must be >= 0")
+        if self.grounded_share is not None and not (self.grounded and 0 < self.grounded_share < 1):
+            raise ValueError("grounded_share needs grounded data and must be in (0, 1)")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = dict(self.model_overrides)
@@ -177,6 +183,8 @@ def prepare_data(cfg: TrainConfig, out: Path) -> tuple[ChatTokenizer, dict[str, 
         texts = (t.text for c in conversations(cfg.data, cfg.skip_bad_lines) if split_of(c.id) == "train" for t in c.turns)
         tokenizer = ChatTokenizer.train(texts, vocab_size=vocab_size, show_progress=False)
     splits = prepare_splits(cfg.data, tokenizer, SPLITS, skip_bad_lines=cfg.skip_bad_lines)
+    if cfg.grounded:
+        splits = dict(splits, grounded=prepare_grounded(cfg.grounded, tokenizer))
     return tokenizer, splits
 
 
@@ -295,6 +303,16 @@ class Trainer:
         self.train_store, self.valid_store = (
             ExampleStore(splits[s], model_cfg.max_source_len, model_cfg.max_target_len, model_cfg.direction)
             for s in ("train", "valid"))
+        if cfg.grounded:
+            if model_cfg.knowledge_passages < 1 or model_cfg.direction != "forward":
+                raise ValueError("--grounded trains a forward model to read passages: set knowledge_passages "
+                                 "(e.g. --set knowledge_passages=3)")
+            grounded = ExampleStore(splits["grounded"], model_cfg.max_source_len, model_cfg.max_target_len,
+                                    max_passages=model_cfg.knowledge_passages)
+            self.train_store = MixedExamples.with_share(self.train_store, grounded, cfg.grounded_share)
+            if ddp.is_main:
+                log.info("train mix: %d chitchat + %d grounded examples (%d distinct)", len(self.train_store) - len(
+                    self.train_store.local[1]), len(self.train_store.local[1]), len(grounded))
         if ddp.is_main:  # work after the checkpoint (or all of it, starting afresh) is being redone
             checkpoint.drop_events_after(out / METRICS, self.progress.step)
         self.metrics_file = open(out / METRICS, "a") if ddp.is_main else None
@@ -305,7 +323,9 @@ class Trainer:
         from chatbot.modeldir import load_model
 
         source = load_model(directory)
-        free = ("direction", "dropout", "attention_dropout")  # what may differ: neither is a weight's shape
+        # What may differ: none is a weight's shape (positions are sinusoidal, so the length limits are free
+        # too): a chat model learns to read passages, in a longer source, from its own weights.
+        free = ("direction", "dropout", "attention_dropout", "knowledge_passages", "max_source_len", "max_target_len")
         shape = [{k: v for k, v in c.to_dict().items() if k not in free} for c in (source.model.config, self.model_cfg)]
         if shape[0] != shape[1] or source.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise ValueError(f"--init-from {directory}: its shape or tokenizer differs from this run's "

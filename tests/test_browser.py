@@ -113,6 +113,27 @@ def test_page_streams_a_reply_and_resumes_after_reload(server: Server, browser) 
     assert any("Content Security Policy" in e["message"] for e in browser.get_log("browser"))
 
 
+def test_page_shows_the_source_of_a_reply_about_a_known_topic(server: Server, browser) -> None:
+    """`chatbot serve` uses the shipped Wikipedia knowledge base by default: a question about a topic in it
+    gets a reply whose sources, listed under it on the page, link to that topic's article."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+    before = len(browser.find_elements(By.CSS_SELECTOR, '.turn.bot[data-state="done"]'))
+    browser.find_element(By.ID, "input").send_keys("Who painted the Mona Lisa?")
+    browser.find_element(By.ID, "send").click()
+    bot = wait.until(lambda d: (lambda done: len(done) > before and done[-1])(
+        d.find_elements(By.CSS_SELECTOR, '.turn.bot[data-state="done"]')))
+    links = bot.find_elements(By.CSS_SELECTOR, "ol.sources a")
+    assert links, bot.text
+    assert links[0].text == "Mona Lisa"
+    assert links[0].get_attribute("href").startswith("https://") and "Mona_Lisa" in links[0].get_attribute("href")
+    assert links[0].get_attribute("rel") == "noopener noreferrer"
+
+
 def test_page_starts_a_new_session_when_its_session_expired(server: Server, browser) -> None:
     """The session's keys expire while the page is open: the next message starts a new session, the
     page says so, and the message is sent again there instead of being lost."""
@@ -151,10 +172,12 @@ def test_page_starts_a_new_session_when_its_session_expired(server: Server, brow
 
 def test_terminal_client_chats_and_resumes(server: Server) -> None:
     cmd = [sys.executable, "-m", "chatbot.cli", "client", server.url]
-    first = subprocess.run(cmd, input="hi there\nhow are you?\n", capture_output=True, text=True, timeout=60)
+    first = subprocess.run(cmd, input="hi there\nwho painted the Mona Lisa?\n", capture_output=True, text=True,
+                           timeout=60)
     assert first.returncode == 0, first.stderr
     replies = first.stdout.splitlines()
-    assert len(replies) == 2  # piped: one reply line per message line
+    assert len(replies) == 2  # piped: one reply line per message line; sources go to stderr
+    assert "https://en.wikipedia.org/wiki/Mona_Lisa" in first.stderr
     session_id = first.stderr.split("--session ")[1].split(")")[0]
     again = subprocess.run([*cmd, "--session", session_id], input="me again\n", capture_output=True, text=True,
                            timeout=60)

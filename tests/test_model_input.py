@@ -29,13 +29,15 @@ def test_knowledge_follows_the_context_behind_know_tokens_within_the_limit():
     out = join_context(ctx, 80, passages).tolist()
     assert len(out) == 80
     assert out[:11] == join_context(ctx, 80).tolist()  # the whole (short) context first
-    assert out[11] == KNOWLEDGE_ID and out[12:52] == passages[0]  # the best passage whole
-    second = out.index(KNOWLEDGE_ID, 12)
-    assert second == 52 and out[53:] == passages[1][:27]  # the next one cut from the right
-    assert 2000 <= out[-1] < 2040 and 3000 not in out  # no room left for a third
-    assert out.count(KNOWLEDGE_ID) == 2
-    # with 16 fewer tokens the second passage would get 11 tokens of room: it is left out, not squeezed in
-    assert join_context(ctx, 64, passages).tolist().count(KNOWLEDGE_ID) == 1
+    # 69 tokens of budget shared equally: each passage after its <know>, cut from the right to 22 tokens
+    assert out[11:] == [KNOWLEDGE_ID, *passages[0][:22], KNOWLEDGE_ID, *passages[1][:22], KNOWLEDGE_ID, *passages[2][:22]]
+    # a short passage leaves its share to the ones after it
+    short = join_context(ctx, 80, [list(range(1000, 1005)), *passages[1:]]).tolist()
+    assert short[11:18] == [KNOWLEDGE_ID, *range(1000, 1005), KNOWLEDGE_ID] and len(short) == 80
+    assert short.count(KNOWLEDGE_ID) == 3 and short[-1] == 3000 + 30  # (69 - 6) // 2 - 1 = 30 tokens each
+    # a budget of 53 gives three passages 16 tokens each; of 50, 15 each: then only two are read
+    assert join_context(ctx, 64, passages).tolist().count(KNOWLEDGE_ID) == 3
+    assert join_context(ctx, 61, passages).tolist().count(KNOWLEDGE_ID) == 2
 
 
 def test_a_long_context_keeps_half_the_source():
@@ -44,7 +46,7 @@ def test_a_long_context_keeps_half_the_source():
     assert len(out) == 100 and out[50] == KNOWLEDGE_ID  # context: last 50 tokens; passage: the rest
     assert out[:50] == join_context(ctx, 50).tolist()
     tight = join_context(ctx, 100, [list(range(1000, 1200))] * 3).tolist()
-    assert tight.count(KNOWLEDGE_ID) == 1  # a second passage would have < MIN_PASSAGE_TOKENS of room
+    assert tight.count(KNOWLEDGE_ID) == 2  # a third passage would leave each < MIN_PASSAGE_TOKENS of room
     assert MIN_PASSAGE_TOKENS > 0
 
 
@@ -115,3 +117,26 @@ def test_retrieval_decision_skips_small_talk():
         assert retrieval_query([small_talk]) is None, small_talk
     assert retrieval_query(["tell me about the mona lisa"]) == "tell me about the mona lisa"
     assert retrieval_query(["i love jupiter", "who discovered it?"]) == "i love jupiter who discovered it?"
+
+
+def test_a_passage_whose_title_the_query_names_outranks_one_that_only_mentions_it() -> None:
+    from retrieval.documents import Passage
+    from retrieval.knowledge import Hit
+    from retrieval.retriever import TITLE_BONUS, rerank, title_in_query
+
+    assert title_in_query("Mona Lisa", "Who painted the Mona Lisa?")
+    assert title_in_query("Jupiter (god)", "tell me about jupiter")  # the qualifier is not part of the name
+    assert not title_in_query("Art", "who painted the mona lisa? a smart question")  # a phrase, not a substring
+    assert not title_in_query("", "anything")
+
+    def hit(title: str, score: float) -> Hit:
+        return Hit(Passage(id=title, doc_id=title, text="...", title=title), score)
+
+    scroll, mona, raphael = hit("Along the River During the Qingming Festival", 0.61), hit("Mona Lisa", 0.60), \
+        hit("Raphael", 0.51)
+    assert [h.id for h in rerank("Who painted the Mona Lisa?", [scroll, mona, raphael], 2)] == \
+        ["Mona Lisa", "Along the River During the Qingming Festival"]
+    # The bonus only reorders close calls: a much better passage without the title keeps its place.
+    far = hit("Leonardo da Vinci", 0.60 + TITLE_BONUS + 0.05)
+    assert rerank("Who painted the Mona Lisa?", [far, mona], 1)[0].id == "Leonardo da Vinci"
+    assert rerank("Who painted the Mona Lisa?", [scroll, mona], 2)[0].score == 0.60  # scores stay cosines
