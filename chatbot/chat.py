@@ -39,8 +39,12 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--min-new-tokens", type=int, help=f"no end of reply before this many tokens (default {DEFAULT_MIN_NEW_TOKENS})")
     g.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
     add_ranking_arguments(p.add_argument_group("ranking of sample-and-rank candidates (docs/generation.md)"))
+    from chatbot.memory import add_memory_arguments
+
+    add_memory_arguments(p.add_argument_group("memory: kNN-LM and retrieved human replies (docs/memory.md)"))
     p.add_argument("--show-candidates", action="store_true",
-                   help="print the ranked candidates and their scores to stderr")
+                   help="print the ranked candidates and their scores to stderr, and the training examples "
+                        "behind the reply (with --reply-memory)")
     p.add_argument("--blocklist", metavar="FILE",
                    help="blocked words or phrases, one a line; replies never contain them")
     p.add_argument("--device", default="cpu")
@@ -54,8 +58,15 @@ def print_candidates(reply, out) -> None:
     for cand in reply.candidates:
         mark = "*" if cand is chosen else " "
         dropped = f" [dropped: {cand.dropped_by}]" if cand.dropped_by else ""
+        human = f" [human reply: {cand.source['id']}]" if cand.kind == "conversation" and cand.source else ""
         scores = f"{cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token), score {cand.score:8.3f}"
-        print(f"  {mark} {scores}{dropped} {cand.text!r}", file=out)
+        print(f"  {mark} {scores}{dropped}{human} {cand.text!r}", file=out)
+    examples = [s for s in reply.sources if s.get("kind") == "conversation"]
+    if examples:
+        print("  training examples behind the reply:", file=out)
+        for s in examples:
+            note = "copied" if s["copied"] else f"similarity {s['similarity']:.2f}"
+            print(f"    {s['id']} ({note}): {' / '.join(s['context'][-2:])!r} -> {s['reply']!r}", file=out)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -68,10 +79,13 @@ def run_chat(args: argparse.Namespace) -> int:
         overrides["min_new_tokens"] = served_min_new_tokens(overrides.get("max_new_tokens", DecodingConfig.max_new_tokens))
     config = DecodingConfig(**overrides)  # bad flags fail here, before the model loads
     ranking = ranking_config_from_args(args)
+    from chatbot.memory import memory_config_from_args
+
+    memory = memory_config_from_args(args)
     safety = SafetyFilter.from_file(args.blocklist) if args.blocklist else SafetyFilter()
     loaded = load_model(args.model, args.device)
     engine = ReplyEngine(loaded.model, loaded.tokenizer, args.device, safety_filter=safety,
-                         ranker=ranking.build(args.device))
+                         ranker=ranking.build(args.device), **memory.engine_options(loaded))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {loaded.directory} (Ctrl-D to quit)", file=sys.stderr)
