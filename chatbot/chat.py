@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from chatbot.ranking import add_ranking_arguments, ranking_config_from_args
+from chatbot.ranking import DEFAULT_MIN_NEW_TOKENS, add_ranking_arguments, ranking_config_from_args, served_min_new_tokens
 
 # Decoding flags, named as DecodingConfig's fields.  Flags left out keep DecodingConfig's defaults (the
 # engine is the one place they are defined).
@@ -36,11 +36,15 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
                    help="sample from the smallest set with this much probability (default 1.0: all)")
     g.add_argument("--beam-size", type=int, help="beams, for --strategy beam (default 4)")
     g.add_argument("--max-new-tokens", type=int, help="reply length limit in tokens (default 40)")
-    g.add_argument("--min-new-tokens", type=int, help="no end of reply before this many tokens (default 1)")
+    g.add_argument("--min-new-tokens", type=int, help=f"no end of reply before this many tokens (default {DEFAULT_MIN_NEW_TOKENS})")
     g.add_argument("--seed", type=int, help="seed: the same seed and input give the same replies")
     add_ranking_arguments(p.add_argument_group("ranking of sample-and-rank candidates (docs/generation.md)"))
+    from chatbot.memory import add_memory_arguments
+
+    add_memory_arguments(p.add_argument_group("memory: kNN-LM and retrieved human replies (docs/memory.md)"))
     p.add_argument("--show-candidates", action="store_true",
-                   help="print the ranked candidates and their scores to stderr")
+                   help="print the ranked candidates and their scores to stderr, and the training examples "
+                        "behind the reply (with --reply-memory)")
     p.add_argument("--blocklist", metavar="FILE",
                    help="blocked words or phrases, one a line; replies never contain them")
     p.add_argument("--device", default="cpu")
@@ -54,8 +58,15 @@ def print_candidates(reply, out) -> None:
     for cand in reply.candidates:
         mark = "*" if cand is chosen else " "
         dropped = f" [dropped: {cand.dropped_by}]" if cand.dropped_by else ""
+        human = f" [human reply: {cand.source['id']}]" if cand.kind == "conversation" and cand.source else ""
         scores = f"{cand.log_likelihood:8.2f} ({cand.normalized_log_likelihood:6.2f}/token), score {cand.score:8.3f}"
-        print(f"  {mark} {scores}{dropped} {cand.text!r}", file=out)
+        print(f"  {mark} {scores}{dropped}{human} {cand.text!r}", file=out)
+    examples = [s for s in reply.sources if s.get("kind") == "conversation"]
+    if examples:
+        print("  training examples behind the reply:", file=out)
+        for s in examples:
+            note = "copied" if s["copied"] else f"similarity {s['similarity']:.2f}"
+            print(f"    {s['id']} ({note}): {' / '.join(s['context'][-2:])!r} -> {s['reply']!r}", file=out)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -64,12 +75,17 @@ def run_chat(args: argparse.Namespace) -> int:
     from chatbot.modeldir import load_model
 
     overrides = {name: getattr(args, name) for name in DECODING_FIELDS if getattr(args, name) is not None}
+    if "min_new_tokens" not in overrides:
+        overrides["min_new_tokens"] = served_min_new_tokens(overrides.get("max_new_tokens", DecodingConfig.max_new_tokens))
     config = DecodingConfig(**overrides)  # bad flags fail here, before the model loads
     ranking = ranking_config_from_args(args)
+    from chatbot.memory import memory_config_from_args
+
+    memory = memory_config_from_args(args)
     safety = SafetyFilter.from_file(args.blocklist) if args.blocklist else SafetyFilter()
     loaded = load_model(args.model, args.device)
     engine = ReplyEngine(loaded.model, loaded.tokenizer, args.device, safety_filter=safety,
-                         ranker=ranking.build(args.device))
+                         ranker=ranking.build(args.device), **memory.engine_options(loaded))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {loaded.directory} (Ctrl-D to quit)", file=sys.stderr)

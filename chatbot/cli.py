@@ -115,6 +115,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--max-examples", type=int, help="evaluate only the first N examples")
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines instead of failing")
+    ppl.add_argument("--knn", metavar="DIR", help="also report perplexity with this kNN-LM datastore (chatbot memory build)")
+    ppl.add_argument("--knn-k", type=int, help="neighbours (default: the datastore's tuned value)")
+    ppl.add_argument("--knn-lambda", type=float, help="weight of the neighbours' distribution (default: tuned)")
+    ppl.add_argument("--knn-temperature", type=float, help="softmax temperature over -distance (default: tuned)")
     ppl.set_defaults(func=run_perplexity)
     from eval.cli import add_ssa_commands
 
@@ -123,6 +127,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 def run_perplexity(args: argparse.Namespace) -> int:
     from eval.perplexity import model_dir_perplexity
+
+    if args.knn:
+        from chatbot.memory import knn_perplexity
+
+        print(json.dumps(knn_perplexity(args.model, args.knn, args.data, args.knn_k, args.knn_lambda,
+                                        args.knn_temperature, args.max_examples)))
+        return 0
 
     directory, result = model_dir_perplexity(args.model, args.data, args.batch_tokens, args.max_examples, args.device,
                                              args.skip_bad_lines)
@@ -163,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     from chatbot.client import add_client
     from chatbot.index_cli import add_index
     from chatbot.compress import add_compress
+    from chatbot.memory import add_memory
     from chatbot.serve.cli import add_serve
 
     add_chat(sub)
@@ -170,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client(sub)
     add_index(sub)
     add_compress(sub)
+    add_memory(sub)
     return parser
 
 

@@ -44,6 +44,12 @@ decides when a turn deserves any: none for "hi").  Each Reply's ``sources`` list
 for it (id, title, url, score).  The passages reach the encoder (after the context, each behind the
 reserved ``<know>`` token: ``chatbot.model_input``) only for a model trained to read them
 (``knowledge_passages`` > 0 in its config), so the shipped chitchat model's replies stay as they were.
+
+Memory (docs/memory.md).  Decoding runs through one seam (``chatbot.decoding``): ``processors`` change
+the distribution every strategy samples, scores and ranks by (kNN-LM, ``chatbot.memory``).  An engine
+given a ``reply_memory`` (``chatbot.reply_memory``) adds the human replies of the training examples
+nearest each context to the ranked candidates (``kind="conversation"``, scored teacher-forced like the
+others) and lists the nearest examples in the reply's ``sources``.
 """
 
 from __future__ import annotations
@@ -62,11 +68,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from chatbot.decoding import (BanTokens, CandidateDecoder, Draft, LogitsProcessor, MinLength, NextTokens, Sampling,
+                              teacher_forced_logprobs)
 from chatbot.model_input import join_context, knowledge_text
 from chatbot.filters import RepetitionFilter, SafetyFilter
 from chatbot.model import ChatModel, EncoderOutput
 from chatbot.ranking import Ranker, default_ranker
-from chatbot.tokenizer import BOS_ID, EOT_ID, PAD_ID, SPECIAL_TOKENS, ChatTokenizer
+from chatbot.tokenizer import EOT_ID, PAD_ID, SPECIAL_TOKENS, ChatTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +108,13 @@ class Retriever(Protocol):
     """Knowledge for a batch of contexts: per context its passages, best first (empty: none wanted)."""
 
     def retrieve(self, contexts: list[list[str]]) -> list[list[KnowledgePassage]]: ...
+
+
+class ReplyRetriever(Protocol):
+    """Training examples near each context, best first (``chatbot.reply_memory.ReplyMemory`` is one);
+    each hit has ``text`` (the human reply) and ``source(copied)`` (its ``sources`` entry)."""
+
+    def retrieve(self, contexts: list[list[str]]) -> list[list[Any]]: ...
 
 
 class GenerationError(ValueError):
@@ -160,6 +175,10 @@ class ScoredCandidate:
     dropped_by: str | None  # None: kept; else "safety", "repetition" or "self_repetition"
     scored_tokens: int = 0  # tokens that log_likelihood sums over
     score: float = 0.0  # the ranker's score, higher is better (chatbot.ranking)
+    # "generated", or "conversation": a human reply from the training data (chatbot.reply_memory), whose
+    # ``source`` names its conversation and turn
+    kind: str = "generated"
+    source: dict[str, Any] | None = None
 
 
 @dataclass
@@ -174,23 +193,6 @@ class Reply:
     timings: dict[str, float]
     # The passages retrieved for this reply, one dict each (KnowledgePassage.source(): id, title, url, ...).
     sources: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class Draft:
-    """One decoded candidate before detokenizing and filtering."""
-
-    token_ids: list[int] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)  # one per scored token, </t> included
-    finished: bool = False  # ended with </t> (else it hit max_new_tokens or was cut)
-
-    @property
-    def log_likelihood(self) -> float:
-        return float(sum(self.token_logprobs))
-
-    @property
-    def normalized_log_likelihood(self) -> float:
-        return self.log_likelihood / max(len(self.token_logprobs), 1)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -250,20 +252,6 @@ def contexts_to_tensor(tokenizer: ChatTokenizer, contexts: list[list[str]], max_
     for i, r in enumerate(rows):
         src[i, : len(r)] = torch.from_numpy(r)
     return src
-
-
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Mask all but the top-k tokens and/or the smallest set with cumulative probability >= top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
 
 
 def word_pieces(text: str) -> list[str]:
@@ -367,11 +355,16 @@ class ReplyEngine:
                  repetition_filter: RepetitionFilter | None = RepetitionFilter(),
                  safety_filter: SafetyFilter | None = SafetyFilter(), *, fallback_text: str = FALLBACK_TEXT,
                  retriever: Retriever | None = None, knowledge_passages: int | None = None,
-                 ranker: Ranker | None = None):
+                 ranker: Ranker | None = None, processors: Sequence[LogitsProcessor] = (),
+                 reply_memory: ReplyRetriever | None = None, memory_candidates: int = 0, memory_sources: int = 0):
         """``retriever``: where knowledge comes from (None: no knowledge).  ``knowledge_passages``: how
         many retrieved passages the model reads; None takes the model config's (0 for a model not
         trained on knowledge: passages are then only reported as sources).  ``ranker``: how candidates
-        are ranked (None: the documented default)."""
+        are ranked (None: the documented default).  ``processors``: change the next-token distribution
+        that every strategy samples, scores and ranks by (``chatbot.decoding``; kNN-LM is one).
+        ``reply_memory`` (``chatbot.reply_memory``): training examples near each context; the human replies
+        of the nearest ``memory_candidates`` join the ranked candidates (sample_and_rank and beam), and the
+        nearest ``memory_sources`` are listed in each reply's sources as its explanation."""
         if model.config.direction != "forward":
             raise GenerationError("this is a backward model, p(context | reply): it scores replies for MMI "
                                   "ranking (--mmi-model) and cannot write them")
@@ -385,6 +378,10 @@ class ReplyEngine:
         self.knowledge_passages = (getattr(model.config, "knowledge_passages", 0) if knowledge_passages is None
                                    else knowledge_passages)
         self.ranker = ranker if ranker is not None else default_ranker()  # None: the documented default
+        self.processors = list(processors)
+        if memory_candidates < 0 or memory_sources < 0:
+            raise GenerationError("memory_candidates and memory_sources must be >= 0")
+        self.reply_memory, self.memory_candidates, self.memory_sources = reply_memory, memory_candidates, memory_sources
         # Never generated: padding, start, separators; end-of-turn is handled by min_new_tokens.
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i != EOT_ID]
 
@@ -405,6 +402,19 @@ class ReplyEngine:
             return [list(passages) for passages in found]
         except Exception:
             log.exception("knowledge retrieval failed; replying without knowledge")
+            return [[] for _ in contexts]
+
+    def retrieve_replies(self, contexts: list[list[str]]) -> list[list[Any]]:
+        """Each context's nearest training examples; a failing memory costs them, never the reply."""
+        if self.reply_memory is None or not (self.memory_candidates or self.memory_sources):
+            return [[] for _ in contexts]
+        try:
+            found = self.reply_memory.retrieve(contexts)
+            if len(found) != len(contexts):
+                raise GenerationError(f"reply memory returned {len(found)} lists for {len(contexts)} contexts")
+            return [list(hits) for hits in found]
+        except Exception:
+            log.exception("reply memory retrieval failed; replying without it")
             return [[] for _ in contexts]
 
     def reply(self, contexts: list[list[str]], config: DecodingConfig = DecodingConfig(), *,
@@ -428,7 +438,8 @@ class ReplyEngine:
 
 
 class _Call:
-    """The state of one ``reply`` call: decoding loops, then per-context filtering, ranking and delivery."""
+    """The state of one ``reply`` call: tokenize and encode, decode (``chatbot.decoding``), then per context
+    filter, rank, fall back and deliver."""
 
     def __init__(self, engine: ReplyEngine, contexts: list[list[str]], config: DecodingConfig,
                  return_candidates: bool, on_piece: PieceCallback | None, on_reply: ReplyCallback | None,
@@ -449,6 +460,8 @@ class _Call:
         self.source_ids: list[list[int]] = []
         self.enc: EncoderOutput | None = None
         self.knowledge: list[list[KnowledgePassage]] = [[] for _ in contexts]
+        self.memory_hits: list[list[Any]] = [[] for _ in contexts]
+        self.copied: list[dict[str, Any] | None] = [None] * len(contexts)  # the chosen retrieved reply's source
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -456,7 +469,9 @@ class _Call:
         n_read = self.engine.knowledge_passages
         t_retrieved = time.perf_counter()
         self.timings["retrieve_s"] = t_retrieved - t0
-        t0 = t_retrieved
+        self.memory_hits = self.engine.retrieve_replies(self.contexts)
+        t0 = time.perf_counter()
+        self.timings["memory_s"] = t0 - t_retrieved
         src = contexts_to_tensor(self.tokenizer, self.contexts, self.model.config.max_source_len,
                                  [passages[:n_read] for passages in self.knowledge] if n_read > 0 else None)
         self.source_ids = [row[row.ne(PAD_ID)].tolist() for row in src]
@@ -465,161 +480,30 @@ class _Call:
         self.enc = self.model.encode(src)
         self.timings["tokenize_s"], self.timings["encode_s"] = t1 - t0, time.perf_counter() - t1
         self.t_decode = time.perf_counter()
-        strategy = self.config.strategy
-        if strategy == "beam":
-            self._beam_search()
-        else:
-            if self.config.streams_while_decoding:
-                self.live = [LiveStream(i, ctx, self.engine.safety_filter, self.tokenizer, self.on_piece)
-                             for i, ctx in enumerate(self.contexts)]
-            n = self.config.num_candidates if strategy == "sample_and_rank" else 1
-            self._sample(n, greedy=strategy == "greedy")
-
-    # -- decoding loops
-
-    def _pick(self, logprobs: Tensor, step: int, segments: list[tuple[int, int]], generators: list[torch.Generator],
-              greedy: bool) -> Tensor:
-        """Next token per row: log-probabilities (R, V) -> (R,).  ``segments``: (context, rows) blocks in row order."""
         cfg = self.config
-        # A new tensor either way, so the masks below may write in place.
-        scores = logprobs.clone() if greedy else logprobs / cfg.temperature
-        scores[:, self.engine.banned_ids] = float("-inf")
-        if step < self.min_new_tokens:
-            scores[:, EOT_ID] = float("-inf")
-        if greedy:
-            return scores.argmax(-1)
-        scores = filter_logits(scores, cfg.top_k, cfg.top_p)
-        # Inverse-CDF sampling on unnormalised weights (the draw is scaled by the total instead), one
-        # uniform draw per row from that row's context generator, so batching changes nothing.  Several
-        # times cheaper than softmax + torch.multinomial over an 8K vocabulary; in place, because at
-        # (rows, vocabulary) every fresh buffer costs page faults.
-        cdf = scores.sub_(scores.max(-1, keepdim=True).values).exp_().cumsum_(-1)  # the best token weighs 1
-        uniform = torch.cat([torch.rand(count, generator=generators[context], device=logprobs.device)
-                             for context, count in segments])
-        # right=True: the first token whose cumulative weight exceeds the draw; zero-weight tokens never win
-        picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
-        return picked.clamp_max(logprobs.shape[-1] - 1)
-
-    def _sample(self, n: int, greedy: bool) -> None:
-        """sample_and_rank (n candidates per context), sample and greedy (n = 1)."""
-        C, device = len(self.contexts), self.engine.device
-        generators = [torch.Generator(device=device).manual_seed(context_seed(self.config.seed, ids))
+        next_tokens = NextTokens(self.model, self.engine.processors,
+                                 [BanTokens(tuple(self.engine.banned_ids)), MinLength(self.min_new_tokens)])
+        decoder = CandidateDecoder(self.model, next_tokens, self.max_new_tokens, self._finish_context,
+                                   on_step=self._count_step)
+        if cfg.strategy == "beam":
+            decoder.beam(self.enc, cfg.beam_size, self._rank_key)
+            return
+        generators = [torch.Generator(device=self.engine.device).manual_seed(context_seed(cfg.seed, ids))
                       for ids in self.source_ids]
-        state = self.model.start_decoding(self.enc, repeats=n, max_new_tokens=self.max_new_tokens)
-        drafts = [Draft() for _ in range(C * n)]
-        rows = torch.arange(C * n, device=device)  # which draft each live row is; stays context-major
-        remaining = [n] * C
-        tokens = torch.full((C * n, 1), BOS_ID, dtype=torch.long, device=device)
-        for step in range(self.max_new_tokens):
-            self.timings["decode_steps"] = float(step + 1)  # before any reply of this step snapshots it
-            # The model's own distribution (temperature 1): what ranking scores.
-            logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (R, V)
-            contexts_of, counts = torch.unique_consecutive(rows // n, return_counts=True)
-            nxt = self._pick(logprobs, step, list(zip(contexts_of.tolist(), counts.tolist())), generators, greedy)
-            picked = logprobs.gather(1, nxt[:, None]).squeeze(1).tolist()
-            last_step = step == self.max_new_tokens - 1
-            keep, done_contexts = [], []
-            for i, (r, t, lp) in enumerate(zip(rows.tolist(), nxt.tolist(), picked)):
-                draft, c = drafts[r], r // n
-                draft.token_logprobs.append(lp)
-                if t == EOT_ID:
-                    draft.finished = True
-                    ends = True
-                else:
-                    draft.token_ids.append(t)
-                    ends = last_step or (bool(self.live) and not self.live[c].advance(draft.token_ids))
-                if not ends:
-                    keep.append(i)
-                    continue
-                remaining[c] -= 1
-                if remaining[c] == 0:
-                    done_contexts.append(c)
-            for c in done_contexts:
-                self._finish_context(c, drafts[c * n:(c + 1) * n])
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                state.select(index)  # finished rows leave the batch: no more work for them
-                rows, nxt = rows[index], nxt[index]
-            tokens = nxt[:, None]
+        keep_going = None
+        if cfg.streams_while_decoding:
+            self.live = [LiveStream(i, ctx, self.engine.safety_filter, self.tokenizer, self.on_piece)
+                         for i, ctx in enumerate(self.contexts)]
+            keep_going = lambda c, draft: self.live[c].advance(draft.token_ids)  # noqa: E731
+        n = cfg.num_candidates if cfg.strategy == "sample_and_rank" else 1
+        sampling = Sampling(cfg.strategy == "greedy", cfg.temperature, cfg.top_k, cfg.top_p)
+        decoder.sample(self.enc, n, sampling, generators, keep_going)
 
-    def _beam_search(self) -> None:
-        """Beam search with ``beam_size`` beams per context, reordered through ``DecoderState.select``.
-
-        Each step extends every beam by every token and keeps the top 2B (so B survive even if B of
-        them end); an end-of-turn among the top B becomes a finished hypothesis.  A context stops when
-        it has B finished hypotheses and its best live beam cannot beat the worst of them: exact for
-        total log-likelihood (scores only fall), the usual heuristic under length normalization.
-        """
-        C, B, device = len(self.contexts), self.config.beam_size, self.engine.device
-        V = self.model.config.vocab_size
-        state = self.model.start_decoding(self.enc, repeats=B, max_new_tokens=self.max_new_tokens)
-        live = list(range(C))  # the context of each block of B rows
-        beams = [[Draft() for _ in range(B)] for _ in range(C)]
-        finished: list[list[Draft]] = [[] for _ in range(C)]
-        # All beams start identical; only the first may expand at step 0, or the top-B would be B copies.
-        scores = torch.full((C, B), float("-inf"), device=device)
-        scores[:, 0] = 0.0
-        tokens = torch.full((C * B, 1), BOS_ID, dtype=torch.long, device=device)
-        for step in range(self.max_new_tokens):
-            self.timings["decode_steps"] = float(step + 1)  # before any reply of this step snapshots it
-            logprobs = self.model.decode_step(tokens, state)[:, -1].float().log_softmax(-1)  # (L*B, V)
-            allowed = logprobs.clone()
-            allowed[:, self.engine.banned_ids] = float("-inf")
-            if step < self.min_new_tokens:
-                allowed[:, EOT_ID] = float("-inf")
-            total = (scores.reshape(-1, 1) + allowed).view(len(live), B * V)
-            top_scores, top_index = total.topk(min(2 * B, B * V), dim=1)  # (L, 2B)
-            top_beam, top_token = top_index // V, top_index % V
-            top_logprob = logprobs.view(len(live), B, V)[
-                torch.arange(len(live), device=device)[:, None], top_beam, top_token]
-            rows, next_tokens, next_scores, next_live, next_beams = [], [], [], [], []
-            for i, c in enumerate(live):
-                extended: list[tuple[int, int, float, float]] = []
-                for rank, (s, b, t, lp) in enumerate(zip(top_scores[i].tolist(), top_beam[i].tolist(),
-                                                         top_token[i].tolist(), top_logprob[i].tolist())):
-                    if s == float("-inf") or len(extended) == B:
-                        break
-                    parent = beams[i][b]
-                    if t == EOT_ID:
-                        if rank < B:
-                            finished[c].append(Draft(list(parent.token_ids), parent.token_logprobs + [lp], True))
-                        continue
-                    extended.append((b, t, s, lp))
-                children = [Draft(beams[i][b].token_ids + [t], beams[i][b].token_logprobs + [lp])
-                            for b, t, _, lp in extended]
-                if step == self.max_new_tokens - 1 or not children or self._beam_done(finished[c], children[0]):
-                    self._finish_context(c, self._best_hypotheses(finished[c] + children, B))
-                    continue
-                while len(children) < B:  # only with a vocabulary smaller than 2B: pad with dead beams
-                    extended.append(extended[-1][:2] + (float("-inf"), 0.0))
-                    children.append(children[-1])
-                next_live.append(c)
-                next_beams.append(children)
-                for b, t, s, _ in extended:
-                    rows.append(i * B + b)
-                    next_tokens.append(t)
-                    next_scores.append(s)
-            if not next_live:
-                break
-            state.select(torch.tensor(rows, device=device))  # follow the beams; finished contexts leave
-            live, beams = next_live, next_beams
-            scores = torch.tensor(next_scores, device=device).view(len(live), B)
-            tokens = torch.tensor(next_tokens, device=device)[:, None]
+    def _count_step(self, steps: int) -> None:
+        self.timings["decode_steps"] = float(steps)
 
     def _rank_key(self, draft: Draft) -> float:
         return self.engine.ranker.search_score(draft.log_likelihood, len(draft.token_logprobs))
-
-    def _beam_done(self, finished: list[Draft], best_live: Draft) -> bool:
-        B = self.config.beam_size
-        if len(finished) < B:
-            return False
-        worst_kept = sorted((self._rank_key(d) for d in finished), reverse=True)[B - 1]
-        return self._rank_key(best_live) <= worst_kept
-
-    def _best_hypotheses(self, drafts: list[Draft], k: int) -> list[Draft]:
-        return sorted(drafts, key=self._rank_key, reverse=True)[:k]
 
     # -- per context: filter, rank, fall back, deliver
 
@@ -630,7 +514,7 @@ class _Call:
         self.timings["rank_s"] += now - t0
         reply.timings = {**self.timings, "decode_s": now - self.t_decode - self.timings["rank_s"],
                          "total_s": now - self.t_start}
-        reply.sources = [p.source() for p in self.knowledge[c]]
+        reply.sources = [p.source() for p in self.knowledge[c]] + self._memory_sources(c)
         self.replies[c] = reply
         if self.on_reply is not None:
             self.on_reply(c, reply)
@@ -649,7 +533,7 @@ class _Call:
 
     def _finish_ranked(self, c: int, drafts: list[Draft]) -> Reply:
         context = self.contexts[c]
-        candidates = self._scored(drafts)
+        candidates = self._scored(drafts) + self._retrieved_candidates(c)
         for cand, verdict in zip(candidates, self._verdicts(context, [cand.text for cand in candidates])):
             cand.dropped_by = verdict
         ranked = rank_candidates(self.engine.ranker, context, candidates)
@@ -659,9 +543,35 @@ class _Call:
         else:
             reply = Reply(chosen.text, chosen.token_ids, chosen.log_likelihood, chosen.normalized_log_likelihood,
                           None, all_filtered, {})
+            self.copied[c] = chosen.source
             self._deliver(c, reply.text)
         reply.candidates = ranked if self.return_candidates else None
         return reply
+
+    def _retrieved_candidates(self, c: int) -> list[ScoredCandidate]:
+        """The human replies of the nearest training examples, scored like the sampled candidates."""
+        limit = self.model.config.max_target_len - 1  # what the model was trained to score
+        hits = [(hit, ids) for hit in self.memory_hits[c][:self.engine.memory_candidates]
+                if 0 < len(ids := self.tokenizer.encode(hit.text)) <= limit]
+        if not hits:
+            return []
+        scores = teacher_forced_logprobs(self.model, self.enc, [c] * len(hits), [ids for _, ids in hits],
+                                         self.engine.processors)
+        out = []
+        for (hit, ids), lps in zip(hits, scores):
+            draft = Draft(ids, lps, True)
+            out.append(ScoredCandidate(hit.text.strip(), ids, draft.log_likelihood, draft.normalized_log_likelihood,
+                                       None, scored_tokens=len(lps), score=self._rank_key(draft),
+                                       kind="conversation", source=hit.source(copied=True)))
+        return out
+
+    def _memory_sources(self, c: int) -> list[dict[str, Any]]:
+        """The copied human reply's source first (when the reply is one), then the nearest examples."""
+        copied = self.copied[c]
+        near = [hit.source(copied=False) for hit in self.memory_hits[c][:self.engine.memory_sources]]
+        if copied is None:
+            return near
+        return [copied] + [s for s in near if s["id"] != copied["id"]]
 
     def _finish_streamed(self, c: int, draft: Draft) -> Reply:
         stream = self.live[c]
@@ -702,9 +612,4 @@ class _Call:
                 self.on_piece(c, piece)
 
     def _teacher_forced_logprobs(self, c: int, ids: list[int]) -> list[float]:
-        device = self.engine.device
-        enc = EncoderOutput(self.enc.states[c:c + 1], self.enc.padding[c:c + 1])
-        tgt_in = torch.tensor([[BOS_ID] + ids], device=device)
-        targets = torch.tensor([ids + [EOT_ID]], device=device)
-        logprobs = self.model.decode(tgt_in, enc).float().log_softmax(-1)
-        return logprobs.gather(2, targets[..., None])[0, :, 0].tolist()
+        return teacher_forced_logprobs(self.model, self.enc, [c], [ids], self.engine.processors)[0]

@@ -291,6 +291,8 @@ class DecoderState:
     layers: list[LayerCache]
     rows: RowGroups
     step: int = 0
+    # The last step's final decoder states (R, t, d), the output projection's input (kNN-LM keys).
+    hidden: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -598,11 +600,15 @@ class ChatModel(nn.Module):
 
     def decode(self, tgt_in: Tensor, enc: EncoderOutput) -> Tensor:
         """Teacher-forced decoder pass: tgt_in (B, T) starting with bos -> logits (B, T, V)."""
+        return self.logits(self.decode_hidden(tgt_in, enc))
+
+    def decode_hidden(self, tgt_in: Tensor, enc: EncoderOutput) -> Tensor:
+        """The decoder's final states (B, T, d), the ones the output projection reads (kNN-LM keys)."""
         x = self.embed(tgt_in)
         mask = enc.attention_mask
         for block in self.decoder:
             x = block(x, enc.states, mask)
-        return self.logits(self.decoder_norm(x))
+        return self.decoder_norm(x)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         return self.decode(tgt_in, self.encode(src))
@@ -620,12 +626,14 @@ class ChatModel(nn.Module):
         return DecoderState(layers, rows)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """Feed new tokens (R, t) (usually t = 1) at the state's position; returns logits (R, t, V)."""
+        """Feed new tokens (R, t) (usually t = 1) at the state's position; returns logits (R, t, V) and
+        leaves the final decoder states in ``state.hidden``."""
         x = self.embed(tokens, offset=state.step)
         for block, cache in zip(self.decoder, state.layers):
             x = block(x, None, None, StepInput(cache, state.step, state.rows))
         state.step += tokens.shape[1]
-        return self.step_logits(self.decoder_norm(x))
+        state.hidden = self.decoder_norm(x)
+        return self.step_logits(state.hidden)
 
 
 def sequence_nll(logits: Tensor, targets: Tensor, pad_id: int, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:

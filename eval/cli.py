@@ -89,11 +89,13 @@ def add_ssa_commands(esub: argparse._SubParsersAction) -> None:
 
 def run_static_set(args: argparse.Namespace) -> int:
     from chatbot.generate import DecodingConfig
+    from chatbot.ranking import served_min_new_tokens
     from eval.static_set import build_static_set, draw_contexts, parse_model_specs, source_conversations
 
     specs = parse_model_specs(args.models)
     decoding = DecodingConfig(num_candidates=args.num_candidates, temperature=args.temperature, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+                              max_new_tokens=args.max_new_tokens, min_new_tokens=served_min_new_tokens(args.max_new_tokens),
+                              seed=args.seed)
     contexts = draw_contexts(source_conversations(args.contexts), args.n, args.seed)
     name = args.name or Path(args.out).stem
     rating_set = build_static_set(specs, contexts, decoding, name, args.seed, args.human, args.batch_size, args.device)

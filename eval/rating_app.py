@@ -299,9 +299,11 @@ async def chat_turn(request: web.Request) -> web.Response:
     app[CHAT_BUSY].add(chat.id)
     try:
         from chatbot.generate import DecodingConfig
+        from chatbot.ranking import served_min_new_tokens
 
         cfg = app[CONFIG]
-        decoding = DecodingConfig(num_candidates=cfg.num_candidates, max_new_tokens=cfg.max_new_tokens)
+        decoding = DecodingConfig(num_candidates=cfg.num_candidates, max_new_tokens=cfg.max_new_tokens,
+                                  min_new_tokens=served_min_new_tokens(cfg.max_new_tokens))
         reply = (await asyncio.to_thread(engine.reply, [[*chat.history, text]], decoding))[0]
         chat = db.extend_chat(chat, text, reply.text or "...")
     finally:

@@ -234,3 +234,13 @@ def test_ranking_bench_runs_end_to_end(tiny_model_dir, tiny_backward_dir):
     for row in result["rows"]:
         assert 0 <= row["generic"] <= 1 and 0 <= row["nidf"] <= 1 and row["mean_words"] >= 0
     assert "| human (the test split's responses) |" in markdown(result)
+
+
+def test_the_served_default_is_a_minimum_length_of_five_with_meenas_ranking() -> None:
+    """docs/generation.md chooses this by measurement; chat, serve and the SSA tools share it."""
+    from chatbot.ranking import DEFAULT_MIN_NEW_TOKENS, served_min_new_tokens
+    from chatbot.serve.config import ServeConfig
+
+    assert DEFAULT_MIN_NEW_TOKENS == 5 and ServeConfig().min_new_tokens == 5
+    assert ServeConfig().ranking.resolved == "meena"
+    assert served_min_new_tokens(40) == 5 and served_min_new_tokens(3) == 3  # never above a short maximum

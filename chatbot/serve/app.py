@@ -69,7 +69,8 @@ def load_engine(config: ServeConfig) -> Engine:
 
     torch.set_num_threads(config.model_threads)
     loaded = load_model(config.model_dir, config.device)
-    engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device, ranker=config.ranking.build(config.device))
+    engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device, ranker=config.ranking.build(config.device),
+                         **config.memory.engine_options(loaded, config.embedder))
     engine.reply([["hello"]], DecodingConfig(num_candidates=2, max_new_tokens=2))
     cfg = loaded.model.config
     log.info("model %s loaded (%s parameters%s, %d torch threads)", loaded.directory,

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 
+from chatbot.memory import memory_config_from_args
 from chatbot.ranking import add_ranking_arguments, ranking_config_from_args
 from chatbot.serve.config import ServeConfig
 
@@ -33,6 +34,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit in tokens")
     p.add_argument("--min-new-tokens", type=int, default=d.min_new_tokens, help="no end of reply before this many tokens")
     add_ranking_arguments(p)
+    from chatbot.memory import add_memory_arguments
+
+    add_memory_arguments(p.add_argument_group("memory: kNN-LM and retrieved human replies (docs/memory.md)"))
     p.add_argument("--torch-threads", type=int, help="torch threads for the model (default: all cores but one)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="conversations per batched generate")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
@@ -69,7 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, model_dir=args.model, device=args.device, redis_url=args.redis_url,
         data_dir=args.data_dir, session_ttl_s=args.session_ttl, num_candidates=args.num_candidates,
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-        ranking=ranking_config_from_args(args), torch_threads=args.torch_threads, max_batch_size=args.max_batch_size,
+        ranking=ranking_config_from_args(args), memory=memory_config_from_args(args), torch_threads=args.torch_threads, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_text_chars=args.max_text_chars,
         max_connections=args.max_connections, rate_per_minute=args.rate_per_minute, rate_burst=args.rate_burst,
         shutdown_grace_s=args.shutdown_grace, close_grace_s=args.close_grace, redis_timeout_s=args.redis_timeout,

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatbot.ranking import RankingConfig
+from chatbot.memory import MemoryConfig
+from chatbot.ranking import DEFAULT_MIN_NEW_TOKENS, RankingConfig
 
 ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?$")
 
@@ -35,8 +36,9 @@ class ServeConfig:
     # tokens take about 0.75 s for one reply of the 11M-parameter default model on one CPU core.
     num_candidates: int = 12
     max_new_tokens: int = 40
-    min_new_tokens: int = 1  # no end of reply before this many tokens
+    min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS  # no end of reply before this many tokens (docs/generation.md)
     ranking: RankingConfig = RankingConfig()  # how the candidates are ranked (docs/generation.md)
+    memory: MemoryConfig = MemoryConfig()  # kNN-LM and retrieved human replies (docs/memory.md)
     # torch intra-op threads for the model; None: all cores but one.  The event loop, Redis and the
     # clients need a core too, and oversubscribed OpenMP threads stall each other (a reply that takes
     # 0.8 s on one thread took 3-35 s on two threads of a busy 2-core machine).
