@@ -18,6 +18,7 @@ BENCHMARKS = [
     "bench.bench_cluster",  # needs Debian's redis-server and nginx (make system-deps)
     "bench.bench_index_scale",
     "bench.bench_compress",
+    "bench.bench_int8_kernels",
     "bench.bench_memory",  # builds a 2% datastore and reply memory unless given --knn / --reply-memory
 ]
 

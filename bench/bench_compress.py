@@ -7,8 +7,10 @@ int8, 50% structured + int8 (``--fraction`` changes the 50%; ``--recover-steps N
 variants fine-tuned N steps on chitchat).  Per variant:
 
 - bytes of model.safetensors (ratio to the original's file, and to the original's fp32 weights);
-- resident memory (VmRSS) of a fresh process that loaded the model and made one reply, and how much of
-  it the model adds over the same process before loading;
+- resident memory in the server: a real `chatbot serve --model DIR` process (1 torch thread, Redis on
+  loopback) after it started and answered one websocket message, VmRSS and its peak VmHWM; and, in a
+  bare process that loaded the model and made one reply, how much the model adds over that process
+  before loading;
 - time per reply call, sample-and-rank (20 candidates) on test-split contexts, batch 1 and batch 32.
   Every candidate decodes exactly ``--reply-tokens`` tokens (min = max new tokens) so the time measures
   the model's compute, not how long each variant's replies happen to be.  Variants alternate within
@@ -85,6 +87,33 @@ def resident_memory(model_dir: Path, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def server_memory(models: dict[str, Path], work: Path) -> dict[str, dict]:
+    """VmRSS and VmHWM (MiB) of `chatbot serve --model DIR` after one chat message, per model, one
+    server at a time against one Redis (bench.bench_service's server and Redis processes)."""
+    import asyncio
+
+    from bench.bench_service import ServerProcess
+    from chatbot.client import ChatClient
+    from chatbot.testing import RedisProcess
+
+    async def one_message(url: str) -> None:
+        async with ChatClient(url, retries=0) as client:
+            await client.say("hello, how are you today?")
+
+    found = {}
+    with RedisProcess(work.resolve() / "redis") as redis:  # redis-server chdirs into it: absolute
+        for name, model in models.items():
+            print(f"  server memory: {name}", file=sys.stderr, flush=True)
+            server = ServerProcess(str(model), redis.url, work, ["--torch-threads", "1"])
+            server.start(timeout_s=900)
+            try:
+                asyncio.run(one_message(server.url))
+                found[name] = server.memory_mb()
+            finally:
+                server.stop()
+    return found
+
+
 def test_contexts(tokenizer, n: int) -> list[list[str]]:
     """The first n test-split contexts, as turn texts (what a chat client sends)."""
     from chatbot.data import ExampleStore, prepare_splits
@@ -134,6 +163,8 @@ def measure(models: dict[str, Path], args: argparse.Namespace, fp32_bytes: int) 
                          "config_compression": loaded[name].model.config.compression}
         print(f"  memory: {name}", file=sys.stderr, flush=True)
         results[name].update(resident_memory(d, args.threads))
+    for name, mem in server_memory(models, args.work).items():
+        results[name]["server"] = mem
     partial()
     base = results[first]
     for r in results.values():
@@ -163,12 +194,14 @@ def loaded_count(model) -> int:
 
 
 def table(results: dict[str, dict], batch: int) -> str:
-    rows = [f"| variant | MB on disk | x smaller (file / fp32) | RSS MB (model) | batch 1 s (x) | batch {batch} s (x) "
-            f"| CPU x b1 / b{batch} | test ppl (change) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [f"| variant | MB on disk | x smaller (file / fp32) | server RSS MB (peak) | model's MB in a bare process "
+            f"| batch 1 s (x) | batch {batch} s (x) | CPU x b1 / b{batch} | test ppl (change) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         b1, bn = r["batch1"], r[f"batch{batch}"]
         rows.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['size_ratio']:.2f} / {r['size_ratio_vs_fp32']:.2f} "
-                    f"| {r['rss'] / 2**20:.0f} ({r['model_rss'] / 2**20:.0f}) | {b1['wall_s']:.3f} ({b1['ratio']:.2f}) "
+                    f"| {r['server']['rss_mb']:.0f} ({r['server']['peak_rss_mb']:.0f}) | {r['model_rss'] / 2**20:.0f} "
+                    f"| {b1['wall_s']:.3f} ({b1['ratio']:.2f}) "
                     f"| {bn['wall_s']:.2f} ({bn['ratio']:.2f}) | {b1['cpu_ratio']:.2f} / {bn['cpu_ratio']:.2f} "
                     f"| {r['test']['perplexity']:.2f} ({100 * r['ppl_change']:+.1f}%) |")
     return "\n".join(rows)

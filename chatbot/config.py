@@ -56,6 +56,9 @@ class ModelConfig:
         if self.conv_widths is not None:
             object.__setattr__(self, "conv_widths", tuple((int(m), int(n)) for m, n in self.conv_widths))
         self._check_widths()
+        if self.model_type != "evolved_transformer_chat":
+            raise ConfigError(f"model_type is {self.model_type!r}: not a model of this project "
+                              "(evolved_transformer_chat)")
         if self.quantization not in (None, "int8"):
             raise ConfigError(f"quantization must be null or 'int8', got {self.quantization!r}")
         if self.compression is not None and not isinstance(self.compression, dict):
@@ -142,7 +145,12 @@ class ModelConfig:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from e
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a JSON object")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:  # name the file: a directory of another kind of model fails here
+            raise ConfigError(f"{path}: {e}") from None
 
 
 # Named presets.  `tiny` drives the tests; `default` is the CPU model we ship (chosen by the

@@ -524,6 +524,9 @@ class ChatModel(nn.Module):
         self.decoder_norm = layer_norm(cfg.d_model)
         self._position_table: Tensor | None = None
         self._output_weight: tuple[tuple, Tensor] | None = None  # see step_logits()
+        # An int8 model's output projection (chatbot.compress): the embedding's int8 rows as a dynamically
+        # quantized linear layer.  None for float models.
+        self.output_int8: nn.Module | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -537,7 +540,16 @@ class ChatModel(nn.Module):
                 nn.init.zeros_(p)
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
+        """Weights of the model, float or int8: an int8 linear layer keeps its weight packed, not as a
+        parameter, and counts like the float layer it replaced; the int8 output projection is the
+        embedding again and does not count twice."""
+        from torch.ao.nn.quantized import Linear as QuantizedLinear  # loaded with torch; dynamic Linear's base
+
         n = sum(p.numel() for p in self.parameters())
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear) and module is not self.output_int8:
+                weight, bias = module._weight_bias()
+                n += weight.numel() + (bias.numel() if bias is not None else 0)
         return n - self.embedding.weight.numel() if exclude_embedding else n
 
     # -- embedding
@@ -558,6 +570,8 @@ class ChatModel(nn.Module):
         return table[offset:end]
 
     def logits(self, h: Tensor) -> Tensor:
+        if self.output_int8 is not None:  # int8: a quarter of the bytes to read, the step's largest matmul
+            return self.output_int8(h)
         return h @ self.embedding.weight.t()  # (..., V), the shared embedding as softmax weights
 
     def step_logits(self, h: Tensor) -> Tensor:
@@ -566,7 +580,7 @@ class ChatModel(nn.Module):
         copy is remade whenever the weight changes (its version counter moves).  Full passes (training,
         perplexity, FSDP) never use it."""
         weight = self.embedding.weight
-        if torch.is_grad_enabled() or weight.is_inference():  # an inference tensor has no version to watch
+        if torch.is_grad_enabled() or weight.is_inference() or self.output_int8 is not None:  # an inference tensor has no version to watch
             return self.logits(h)
         key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._output_weight is None or self._output_weight[0] != key:

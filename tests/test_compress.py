@@ -214,6 +214,43 @@ def test_compressed_model_serves(tmp_path: Path, compressed_dir: Path) -> None:
     run(scenario())
 
 
+def test_int8_models_count_their_quantized_weights(compressed_dir: Path, tmp_path: Path, caplog) -> None:
+    """An int8 linear layer keeps its weight packed, not as a parameter: the count (and the service's
+    startup log) must still include it, and the int8 output projection must not count the embedding twice."""
+    import logging
+
+    from chatbot.model import ChatModel
+    from chatbot.serve.app import load_engine
+
+    cfg = load_model(compressed_dir).model.config
+    with torch.device("meta"):
+        float_twin = ChatModel(dataclasses.replace(cfg, quantization=None))  # same widths, float layers
+    expected = float_twin.num_parameters()
+    model = load_model(compressed_dir).model
+    assert model.output_int8 is not None and model.num_parameters() == expected
+    assert model.num_parameters(exclude_embedding=True) == float_twin.num_parameters(exclude_embedding=True)
+    config = service_config(tmp_path, model_dir=str(compressed_dir), torch_threads=torch.get_num_threads())
+    with caplog.at_level(logging.INFO, logger="chatbot.serve.app"):
+        load_engine(config)
+    assert f"({expected:,} parameters, int8," in caplog.text
+
+
+def test_int8_output_projection_is_the_embeddings_int8_rows(compressed_dir: Path) -> None:
+    """Decoding and perplexity both read logits from the int8 output layer, whose weight is exactly the
+    stored int8 embedding; the input lookup reads the same rows dequantized."""
+    model = load_model(compressed_dir).model
+    stored = load_file(str(compressed_dir / WEIGHTS))
+    weight = model.output_int8._weight_bias()[0]
+    assert torch.equal(weight.int_repr(), stored["embedding.weight.int8"])
+    assert torch.equal(weight.q_per_channel_scales().float(), stored["embedding.weight.scale"])
+    assert torch.equal(model.embedding.weight, weight.dequantize().float())
+    h = torch.randn(3, 2, model.config.d_model)
+    with torch.no_grad():
+        assert torch.equal(model.logits(h), model.output_int8(h))
+        assert torch.equal(model.step_logits(h), model.output_int8(h))
+        assert not torch.equal(model.logits(h), h @ model.embedding.weight.t())  # activations are quantized too
+
+
 def test_compressed_model_perplexity_cli(compressed_dir: Path, small_corpus: Path, capsys) -> None:
     assert main(["eval", "perplexity", "--model", str(compressed_dir), "--data", str(small_corpus),
                  "--max-examples", "30"]) == 0
@@ -261,6 +298,22 @@ def test_bad_models_are_named(compressed_dir: Path, tmp_path: Path, capsys) -> N
     assert f"{tmp_path / 'empty'}: missing config.json" in capsys.readouterr().err
     assert main(["compress", "--model", str(compressed_dir), "--out", str(compressed_dir), "--quantize", "int8"]) == 2
     assert "is the --model directory" in capsys.readouterr().err
+    assert main(["compress", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert f"--model {tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["compress", "--model", str(compressed_dir), "--out", str(tmp_path / "a-file"), "--quantize", "int8"]) == 2
+    assert f"--out {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
+    other = tmp_path / "other-model"  # another project's model directory: its config.json is named
+    other.mkdir()
+    for name in (WEIGHTS, "tokenizer.json"):
+        (other / name).write_bytes((compressed_dir / name).read_bytes())
+    (other / CONFIG).write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    assert main(["compress", "--model", str(other), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert f"{other / CONFIG}: unknown model config fields: hidden_size" in capsys.readouterr().err
+    (other / CONFIG).write_text(json.dumps({"model_type": "bert"}))
+    assert main(["compress", "--model", str(other), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    assert f"{other / CONFIG}: model_type is 'bert': not a model of this project" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_int8_weights_that_do_not_match_the_config_are_refused(compressed_dir: Path, tmp_path: Path) -> None:

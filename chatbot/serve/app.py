@@ -72,8 +72,10 @@ def load_engine(config: ServeConfig) -> Engine:
     engine = ReplyEngine(loaded.model, loaded.tokenizer, device=config.device, ranker=config.ranking.build(config.device),
                          **config.memory.engine_options(loaded, config.embedder))
     engine.reply([["hello"]], DecodingConfig(num_candidates=2, max_new_tokens=2))
-    log.info("model %s loaded (%.1fM parameters, %d torch threads)", loaded.directory,
-             loaded.model.num_parameters() / 1e6, torch.get_num_threads())
+    cfg = loaded.model.config
+    log.info("model %s loaded (%s parameters%s, %d torch threads)", loaded.directory,
+             f"{loaded.model.num_parameters():,}", f", {cfg.quantization}" if cfg.quantization else "",
+             torch.get_num_threads())
     return engine
 
 
