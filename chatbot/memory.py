@@ -66,18 +66,10 @@ class DatastoreMismatch(DatastoreError):
     """The datastore was built by another model."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_identity(directory: str | Path) -> dict:
     """What ties a datastore to a model: hashes of its weights file and its config."""
     directory = Path(directory)
-    return {"weights_sha256": file_sha256(directory / WEIGHTS), "config_sha256": file_sha256(directory / CONFIG)}
+    return {"weights_sha256": _file_sha256(directory / WEIGHTS), "config_sha256": _file_sha256(directory / CONFIG)}
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -101,17 +93,35 @@ def conversation_of_turns(source: str, store: ExampleStore) -> tuple[list[str], 
     return ids, conv_of_turn, np.arange(len(conv_of_turn)) - starts
 
 
-def examples_to_use(n: int, max_examples: int | None, fraction: float | None) -> int:
-    """The first examples in storage order (whole conversations, sorted by id): a reproducible subset."""
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def examples_to_use(n: int, max_examples: int | None, fraction: float | None,
+                    error: type[ValueError] | None = None) -> int:
+    """How many of the first examples in storage order (whole conversations, sorted by id) to use: a
+    reproducible subset.  Bad flags raise ``error`` (default DatastoreError)."""
+    error = error or DatastoreError
     if fraction is not None:
         if not 0 < fraction <= 1:
-            raise DatastoreError(f"--fraction must be in (0, 1], got {fraction}")
+            raise error(f"--fraction must be in (0, 1], got {fraction}")
         n = math.ceil(n * fraction)
     if max_examples is not None:
         if max_examples < 1:
-            raise DatastoreError(f"--max-examples must be >= 1, got {max_examples}")
+            raise error(f"--max-examples must be >= 1, got {max_examples}")
         n = min(n, max_examples)
     return n
+
+
+def _publish(tmp: Path, out: Path, manifest: dict) -> dict:
+    """Write the manifest (with the directory's sizes) last, then move the finished directory into place."""
+    manifest.update(directory_sizes(tmp))
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return manifest
 
 
 @torch.inference_mode()
@@ -191,12 +201,7 @@ def build_datastore(model_dir: str | Path | None, out: str | Path, data: str = "
         "tokens_per_s": round(n_keys / max(model_s, 1e-9), 1),
         "tuned": None,
     }
-    manifest.update(directory_sizes(tmp))
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return manifest
+    return _publish(tmp, out, manifest)
 
 
 def directory_sizes(directory: Path) -> dict:
@@ -240,12 +245,7 @@ def compress_datastore(src: str | Path, out: str | Path, ivf_lists: int | None =
     t0 = time.perf_counter()
     info = build_ivfpq(tmp, np.load(src / "keys.npy", mmap_mode="r"), ivf_lists, pq_m, pq_bits)
     manifest.update(key_type="ivfpq", **info, compress_s=round(time.perf_counter() - t0, 1), tuned=None)
-    manifest.update(directory_sizes(tmp))
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return manifest
+    return _publish(tmp, out, manifest)
 
 
 # ----------------------------------------------------------------------------------------- load, search

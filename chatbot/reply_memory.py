@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from chatbot.data import conversations, split_of
+from chatbot.memory import examples_to_use
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,7 @@ def training_examples(data: str, max_examples: int | None = None, fraction: floa
         for j in range(1, len(conv.turns)):
             examples.append(MemoryExample(conv.id, j, tuple(t.text for t in conv.turns[max(0, j - CONTEXT_TURNS_KEPT):j]),
                                           conv.turns[j].text))
-    n = len(examples)
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ReplyMemoryError(f"--fraction must be in (0, 1], got {fraction}")
-        n = math.ceil(n * fraction)
-    if max_examples is not None:
-        if max_examples < 1:
-            raise ReplyMemoryError(f"--max-examples must be >= 1, got {max_examples}")
-        n = min(n, max_examples)
-    return examples[:n]
+    return examples[:examples_to_use(len(examples), max_examples, fraction, ReplyMemoryError)]
 
 
 def build_reply_memory(out: str | Path, data: str = "chitchat", max_examples: int | None = None,

@@ -20,7 +20,8 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,20 +262,27 @@ class KnowledgeIndex:
                 {p.doc_id for p in passages})
             if dup:
                 raise DuplicateId(sorted(set(dup)))
-            self.store.begin()
-            try:
-                keys = self.store.insert(passages)
+            with self._change():
+                try:
+                    keys = self.store.insert(passages)
+                except sqlite3.IntegrityError as e:
+                    raise DuplicateId([p.id for p in passages]) from e
                 self.vectors.add(vectors, np.asarray(keys))
-            except sqlite3.IntegrityError as e:
-                self.store.rollback()
-                raise DuplicateId([p.id for p in passages]) from e
-            except BaseException:
-                self.store.rollback()
-                raise
-            self.store.commit()
-            self.version += 1
-            if self.autosave:
-                self._save_locked(self.directory, None)
+
+    @contextmanager
+    def _change(self) -> Iterator[None]:
+        """One change, whole or not at all: the passage store's transaction and the FAISS edit inside it
+        (a failure rolls the store back), then the version bump and the autosave.  Call under the lock."""
+        self.store.begin()
+        try:
+            yield
+        except BaseException:
+            self.store.rollback()
+            raise
+        self.store.commit()
+        self.version += 1
+        if self.autosave:
+            self._save_locked(self.directory, None)
 
     def delete(self, ident: str) -> list[str]:
         """Delete a passage, or every passage of a document; returns the passage ids removed."""
@@ -283,17 +291,9 @@ class KnowledgeIndex:
             if not found:
                 raise UnknownId(ident)
             keys = np.asarray([k for k, _ in found], dtype=np.int64)
-            self.store.begin()
-            try:
+            with self._change():
                 self.store.delete_keys(keys)
                 self.vectors.remove(keys)
-            except BaseException:
-                self.store.rollback()
-                raise
-            self.store.commit()
-            self.version += 1
-            if self.autosave:
-                self._save_locked(self.directory, None)
             return [pid for _, pid in found]
 
     # ------------------------------------------------------------------------------ search
