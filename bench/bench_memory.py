@@ -7,8 +7,10 @@ Three tables from one run:
 datastore's size and build time, and what a build over the whole training split would take at the
 measured rate.
 
-**cost per reply**: seconds per reply at batch 1 (sample-and-rank, the engine's defaults) for
-generated-only, kNN-LM, retrieved candidates, and both, over the first ``--cost-contexts`` contexts.
+**cost per reply**: seconds per reply at batch 1 (sample-and-rank as served: Meena's ranking with the
+served minimum reply length) for generated-only, kNN-LM, retrieved candidates, and both, over the first
+``--cost-contexts`` contexts, and at the serving batch (``--batch-size``, the service's default 32) over
+all the quality contexts.
 
 **quality**: on held-out contexts (a seeded draw from the test split, as bench_decoding_quality draws
 them), reply length, distinct-1/2, generic share and NIDF (eval/reply_metrics.py) for the same four
@@ -33,7 +35,9 @@ from chatbot.data import ExampleStore, prepare_splits
 from chatbot.generate import DecodingConfig, ReplyEngine
 from chatbot.memory import Datastore, KnnLM, directory_sizes, knn_perplexity
 from chatbot.modeldir import load_model
+from chatbot.ranking import served_min_new_tokens
 from chatbot.reply_memory import ReplyMemory
+from chatbot.serve.config import ServeConfig
 
 
 def full_training_keys(loaded) -> tuple[int, int]:
@@ -84,13 +88,16 @@ def engines(loaded, knn_dir: str | None, memory_dir: str | None) -> dict[str, Re
 
 def run(model_dir: str | None, knn_dirs: list[str], generation_knn: str | None, memory_dir: str | None,
         ppl_examples: int | None, n_contexts: int, cost_contexts: int, batch_size: int, seed: int,
-        samples: int) -> dict:
+        samples: int, min_new_tokens: int | None = None) -> dict:
     loaded = load_model(model_dir)
     ppl = perplexity_rows(model_dir, knn_dirs, ppl_examples, loaded) if knn_dirs else []
     examples = held_out_examples(n_contexts, seed)
     contexts = [c for c, _ in examples]
     stats = training_statistics()
-    config = DecodingConfig(seed=seed)
+    # What the service does unless told otherwise (docs/generation.md, "The default, and why").
+    default = DecodingConfig(seed=seed)
+    min_len = served_min_new_tokens(default.max_new_tokens) if min_new_tokens is None else min_new_tokens
+    config = DecodingConfig(seed=seed, min_new_tokens=min_len)
     cost, quality = [], []
     for name, engine in engines(loaded, generation_knn or (knn_dirs[0] if knn_dirs else None), memory_dir).items():
         start = time.perf_counter()
@@ -102,6 +109,8 @@ def run(model_dir: str | None, knn_dirs: list[str], generation_knn: str | None, 
         for i in range(0, len(contexts), batch_size):
             replies += engine.reply(contexts[i:i + batch_size], config)
         seconds = time.perf_counter() - start
+        cost.append({"variant": name, "batch": batch_size, "seconds_per_reply": seconds / len(contexts),
+                     "contexts": len(contexts)})
         copied = [bool(r.sources) and bool(r.sources[0].get("copied")) for r in replies]
         row = {"variant": name, **measure(contexts, [r.text for r in replies], [len(r.token_ids) for r in replies],
                                           [r.all_filtered for r in replies], seconds, stats),
@@ -111,7 +120,7 @@ def run(model_dir: str | None, knn_dirs: list[str], generation_knn: str | None, 
         quality.append(row)
         print(f"{name}: {per_reply:.2f} s/reply at batch 1; {len(contexts)} replies in {seconds:.0f} s", flush=True)
     return {**header(), "model": str(loaded.directory), "perplexity": ppl, "cost": cost, "quality": quality,
-            "contexts": len(contexts), "context_seed": seed, "batch_size": batch_size}
+            "contexts": len(contexts), "context_seed": seed, "batch_size": batch_size, "min_new_tokens": min_len}
 
 
 def markdown(result: dict) -> str:
@@ -126,11 +135,14 @@ def markdown(result: dict) -> str:
                          f"| {r['k']}, {r['lambda']:g}, {r['temperature']:g} | {r['perplexity']:.2f} "
                          f"| {r['knn_perplexity']:.2f} | {r['ratio']:.3f} |")
         lines.append("")
-    lines += ["| variant | s/reply (batch 1) | words | distinct-1 | distinct-2 | generic | NIDF | copied human reply |",
-              "|---|---|---|---|---|---|---|---|"]
-    costs = {c["variant"]: c["seconds_per_reply"] for c in result["cost"]}
+    batch = result["batch_size"]
+    lines += [f"minimum reply length {result.get('min_new_tokens', 1)} tokens, {result['contexts']} contexts", "",
+              f"| variant | s/reply (batch 1) | s/reply (batch {batch}) | words | distinct-1 | distinct-2 | generic "
+              "| NIDF | copied human reply |", "|---|---|---|---|---|---|---|---|---|"]
+    costs = {(c["variant"], c["batch"]): c["seconds_per_reply"] for c in result["cost"]}
     for r in result["quality"]:
-        lines.append(f"| {r['variant']} | {costs[r['variant']]:.2f} | {r['mean_words']:.2f} | {r['distinct_1']:.3f} "
+        lines.append(f"| {r['variant']} | {costs[r['variant'], 1]:.2f} | {costs[r['variant'], batch]:.3f} "
+                     f"| {r['mean_words']:.2f} | {r['distinct_1']:.3f} "
                      f"| {r['distinct_2']:.3f} | {r['generic']:.3f} | {r['nidf']:.3f} | {r['copied_human_reply']:.3f} |")
     return "\n".join(lines)
 
@@ -156,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-examples", type=int, help="first N test examples for perplexity (default: all)")
     p.add_argument("--contexts", type=int, default=100, help="held-out contexts for the quality table")
     p.add_argument("--cost-contexts", type=int, default=10, help="contexts timed at batch 1")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=ServeConfig().max_batch_size,
+                   help="the serving batch: quality replies are made, and timed, in batches of this size")
+    p.add_argument("--min-new-tokens", type=int,
+                   help="minimum reply length in tokens (default: the served default, chatbot.ranking)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--out", help="write the JSON result here")
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.knn and not args.reply_memory:
         args.knn, args.reply_memory = build_stores(args.model, args.build_fraction)
     result = run(args.model, args.knn, args.generation_knn, args.reply_memory, args.ppl_examples, args.contexts,
-                 args.cost_contexts, args.batch_size, args.seed, args.samples)
+                 args.cost_contexts, args.batch_size, args.seed, args.samples, args.min_new_tokens)
     print(markdown(result))
     if args.out:
         write_json(args.out, result)
