@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knowledge-passages", type=int, help="passages the model reads (default: its config's)")
     p.add_argument("--num-candidates", type=int, default=12)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--min-new-tokens", type=int,
+                   help="minimum reply length in tokens (default: the served default, chatbot.ranking)")
     p.add_argument("--chitchat-baseline", metavar="DIR",
                    help="also chitchat test perplexity of --model and of DIR (the model it started from), side by side")
     p.add_argument("--chitchat-max-examples", type=int, help="first N test examples for the perplexities (default: all)")
@@ -99,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                           knowledge_passages=args.knowledge_passages)
     n_read = reading.knowledge_passages
     examples = list(read_examples(f"{args.data}/heldout.jsonl"))[: args.n]
+    from chatbot.ranking import served_min_new_tokens
+
     cfg = DecodingConfig(num_candidates=args.num_candidates, seed=args.seed)
+    min_len = served_min_new_tokens(cfg.max_new_tokens) if args.min_new_tokens is None else args.min_new_tokens
+    cfg = DecodingConfig(num_candidates=args.num_candidates, seed=args.seed, min_new_tokens=min_len)
     f1_with, f1_without, nll_with, nll_without, tokens, top_gold = [], [], 0.0, 0.0, 0, 0
     t0 = time.perf_counter()
     for ex in tqdm(examples, desc="Q4", unit=" question", disable=None):
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         nll_without, nll_with, tokens = nll_without + a, nll_with + b, tokens + n
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     result = {"header": header(), "model": str(loaded.directory), "examples": len(examples),
-              "knowledge_passages_read": n_read, "f1_without": mean(f1_without), "f1_with": mean(f1_with),
+              "knowledge_passages_read": n_read, "min_new_tokens": min_len, "f1_without": mean(f1_without), "f1_with": mean(f1_with),
               "f1_ratio": mean(f1_with) / max(mean(f1_without), 1e-9),
               "ppl_gold_without": math.exp(nll_without / max(tokens, 1)),
               "ppl_gold_with": math.exp(nll_with / max(tokens, 1)), "top_source_is_gold": top_gold / max(len(examples), 1),

@@ -7,6 +7,8 @@ model sees the last 7 turns, and the repetition filter checks the whole conversa
 
 With --seed N the same input gives the same replies: turn t of the session uses seed N + t.
 --show-candidates prints every ranked candidate with its scores to stderr, so stdout stays one reply a line.
+With a knowledge index (--knowledge; a model trained to read passages uses the default one unless told
+otherwise) each reply's sources, the passages it was given, print to stderr under it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
+from chatbot.client import print_sources
 from chatbot.ranking import DEFAULT_MIN_NEW_TOKENS, add_ranking_arguments, ranking_config_from_args, served_min_new_tokens
 
 # Decoding flags, named as DecodingConfig's fields.  Flags left out keep DecodingConfig's defaults (the
@@ -42,6 +46,10 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     from chatbot.memory import add_memory_arguments
 
     add_memory_arguments(p.add_argument_group("memory: kNN-LM and retrieved human replies (docs/memory.md)"))
+    p.add_argument("--knowledge", default="auto", metavar="auto|default|DIR|none",
+                   help="knowledge index the reply engine retrieves passages from: 'default' (the shipped Wikipedia "
+                        "summaries), an index directory, or 'none'; auto (the default): 'default' when the model "
+                        "was trained to read passages, else none.  A reply's sources print to stderr")
     p.add_argument("--show-candidates", action="store_true",
                    help="print the ranked candidates and their scores to stderr, and the training examples "
                         "behind the reply (with --reply-memory)")
@@ -69,6 +77,23 @@ def print_candidates(reply, out) -> None:
             print(f"    {s['id']} ({note}): {' / '.join(s['context'][-2:])!r} -> {s['reply']!r}", file=out)
 
 
+def open_retriever(choice: str, reads_passages: bool):
+    """The ``--knowledge`` choice as a retriever (None for none): ``auto`` follows the model."""
+    if choice == "none" or (choice == "auto" and not reads_passages):
+        return None
+    from retrieval.default_kb import ensure_default_index
+    from retrieval.embedder import load_embedder
+    from retrieval.knowledge import KnowledgeIndex
+    from retrieval.retriever import KnowledgeRetriever
+
+    if choice not in ("auto", "default") and not Path(choice).is_dir():
+        raise SystemExit(f"--knowledge {choice}: not a directory; give 'default', 'none' or an index directory "
+                         "(chatbot index build --out DIR)")
+    embedder = load_embedder()
+    directory = ensure_default_index(embedder) if choice in ("auto", "default") else Path(choice)
+    return KnowledgeRetriever(KnowledgeIndex.open(directory, embedder))
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from chatbot.filters import SafetyFilter
     from chatbot.generate import DecodingConfig, ReplyEngine
@@ -84,8 +109,14 @@ def run_chat(args: argparse.Namespace) -> int:
     memory = memory_config_from_args(args)
     safety = SafetyFilter.from_file(args.blocklist) if args.blocklist else SafetyFilter()
     loaded = load_model(args.model, args.device)
+    from retrieval.knowledge import KnowledgeError
+
+    try:
+        retriever = open_retriever(args.knowledge, loaded.model.config.knowledge_passages > 0)
+    except KnowledgeError as e:
+        raise SystemExit(f"--knowledge {args.knowledge}: {e}") from None
     engine = ReplyEngine(loaded.model, loaded.tokenizer, args.device, safety_filter=safety,
-                         ranker=ranking.build(args.device), **memory.engine_options(loaded))
+                         ranker=ranking.build(args.device), retriever=retriever, **memory.engine_options(loaded))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {loaded.directory} (Ctrl-D to quit)", file=sys.stderr)
@@ -109,6 +140,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print("bot> ", end="", flush=True)
         reply = engine.reply([history], turn_config, return_candidates=args.show_candidates, on_piece=show)[0]
         print(flush=True)
+        print_sources([s for s in reply.sources if s.get("kind", "knowledge") == "knowledge"], sys.stderr)
         if args.show_candidates:
             print_candidates(reply, sys.stderr)
         if reply.text:  # an empty fallback reply is not a turn: the next context must not hold an empty turn

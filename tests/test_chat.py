@@ -67,3 +67,26 @@ def test_bad_flags_fail_clearly(tiny_model_dir, flags, message, capsys):
 
     assert main(["chat", "--model", str(tiny_model_dir), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_knowledge_sources_go_to_stderr(tiny_model_dir, tmp_path):
+    """A reply engine over a knowledge index: the passages a reply was given print to stderr, stdout stays
+    one reply a line.  The tiny model does not read passages, so ``--knowledge DIR`` asks for them."""
+    from retrieval.embedder import load_embedder
+    from retrieval.knowledge import KnowledgeIndex
+    from tests.knowledge_support import small_wiki
+
+    index = tmp_path / "kb"
+    KnowledgeIndex.build(index, small_wiki(), load_embedder()).close()
+    result = chat(tiny_model_dir, "--seed", "1", "--knowledge", str(index),
+                  stdin="hi\nwho painted the Mona Lisa?\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert re.search(r"^ +\[1\] Mona Lisa <https?://", result.stderr, re.MULTILINE), result.stderr
+
+
+def test_knowledge_follows_the_model_and_a_bad_directory_is_named(tiny_model_dir, tmp_path):
+    plain = chat(tiny_model_dir, "--seed", "1", stdin="who painted the Mona Lisa?\n")
+    assert plain.returncode == 0 and "[1]" not in plain.stderr  # auto: this model reads no passages
+    missing = chat(tiny_model_dir, "--knowledge", str(tmp_path / "nowhere"), stdin="hi\n")
+    assert missing.returncode != 0 and "--knowledge" in missing.stderr and "nowhere" in missing.stderr
