@@ -58,6 +58,8 @@ def add_ssa_commands(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="where ratings.sqlite and admin-token live (default: $CHATBOT_DATA/ssa)")
     p.add_argument("--raters-per-item", type=int, default=5, help="k: raters per item (default: %(default)s, Meena)")
     p.add_argument("--lease", type=float, default=3600.0, help="seconds an unanswered item stays reserved for its rater")
+    p.add_argument("--session-max-age", type=float, default=12 * 3600.0, metavar="SECONDS",
+                   help="a sign-in lasts this long (default: 12 hours)")
     p.add_argument("--chat-model", action="append", default=[], metavar="[NAME=]DIR",
                    help="a model raters can chat with in interactive sessions (repeatable; 'shipped' works)")
     p.add_argument("--chat-turns", type=int, default=14, help="turns of an interactive session, both sides (Meena: 14-28)")
@@ -140,7 +142,8 @@ def run_rate(args: argparse.Namespace) -> int:
     data = Path(args.data_dir) if args.data_dir else default_data_dir() / "ssa"
     data.mkdir(parents=True, exist_ok=True)
     config = RateConfig(host=args.host, port=args.port, db_path=str(data / "ratings.sqlite"),
-                        raters_per_item=args.raters_per_item, lease_s=args.lease, chat_models=model_map(args.chat_model),
+                        raters_per_item=args.raters_per_item, lease_s=args.lease,
+                        session_max_age_s=args.session_max_age, chat_models=model_map(args.chat_model),
                         chat_turns=args.chat_turns, num_candidates=args.num_candidates, max_new_tokens=args.max_new_tokens)
     sets = [load_set(path) for path in args.set]  # bad files fail before anything starts
     db = RatingsDB(config.db_path)

@@ -63,6 +63,7 @@ class RateConfig:
     db_path: str = "ratings.sqlite"
     raters_per_item: int = 5  # Meena: 5 crowd workers per response
     lease_s: float = 3600.0  # an item assigned to a rater who went away is offered to others after this
+    session_max_age_s: float = 12 * 3600.0  # a sign-in lasts a working day; then the rater signs in again
     max_body_bytes: int = 32 * 1024 * 1024  # a set upload
     # Interactive sessions: system name -> model directory (None: the shipped model).
     chat_models: dict[str, str | None] = field(default_factory=dict)
@@ -71,6 +72,8 @@ class RateConfig:
     max_new_tokens: int = 40
 
     def __post_init__(self) -> None:
+        if self.session_max_age_s <= 0:
+            raise ValueError("--session-max-age must be > 0 seconds")
         if self.raters_per_item < 1:
             raise ValueError("--raters-per-item must be >= 1")
         if not 0 <= self.port <= 65535:
@@ -122,7 +125,7 @@ async def typed_errors(request: web.Request, handler) -> web.StreamResponse:
 
 def session_of(request: web.Request):
     sid = request.cookies.get(SESSION_COOKIE)
-    return (sid, request.app[DB].session(sid)) if sid else (None, None)
+    return (sid, request.app[DB].session(sid, request.app[CONFIG].session_max_age_s)) if sid else (None, None)
 
 
 def require(request: web.Request, role: str):
@@ -221,7 +224,7 @@ async def login(request: web.Request) -> web.Response:
     old_sid, _ = session_of(request)
     if old_sid:
         db.delete_session(old_sid)
-    sid, csrf = db.create_session(role, rater_id)
+    sid, csrf = db.create_session(role, rater_id, request.app[CONFIG].session_max_age_s)
     response = web.json_response({"role": role, "rater_id": rater_id, "csrf": csrf})
     set_cookie(response, SESSION_COOKIE, sid)
     return response

@@ -136,16 +136,22 @@ class RatingsDB:
         ok = hmac.compare_digest(_hash(secret), row[0] if row else _DUMMY_HASH)
         return rater_id if ok and row is not None else None
 
-    def create_session(self, role: str, rater_id: str | None) -> tuple[str, str]:
-        """Returns (cookie value, CSRF token)."""
+    def create_session(self, role: str, rater_id: str | None, max_age_s: float | None = None) -> tuple[str, str]:
+        """Returns (cookie value, CSRF token).  Sessions older than ``max_age_s`` are deleted on the way."""
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self._tx():
+            if max_age_s is not None:
+                self.conn.execute("DELETE FROM sessions WHERE created < ?", (time.time() - max_age_s,))
             self.conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (_hash(sid), role, rater_id, csrf, time.time()))
         return sid, csrf
 
-    def session(self, sid: str) -> Session | None:
-        row = self.conn.execute("SELECT role, rater_id, csrf FROM sessions WHERE sid_hash=?", (_hash(sid),)).fetchone()
-        return Session(*row) if row else None
+    def session(self, sid: str, max_age_s: float | None = None) -> Session | None:
+        """The signed-in session of this cookie value; None if unknown or older than ``max_age_s``."""
+        row = self.conn.execute("SELECT role, rater_id, csrf, created FROM sessions WHERE sid_hash=?",
+                                (_hash(sid),)).fetchone()
+        if row is None or (max_age_s is not None and row[3] < time.time() - max_age_s):
+            return None
+        return Session(*row[:3])
 
     def delete_session(self, sid: str) -> None:
         with self._tx():

@@ -230,3 +230,20 @@ def test_interactive_session_turns_become_items_for_other_raters(tmp_path: Path,
     assert seen[0]["context"][0] == "Hi!" or seen[1]["context"][0] == "Hi!"
     contexts = sorted(len(i["context"]) for i in seen)
     assert contexts == [1, 3]  # each bot turn in the context of the conversation before it
+
+
+def test_sign_in_sessions_expire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session cookie older than the form's session_max_age_s signs nobody in, and signing in again
+    clears the expired sessions from the database."""
+    import time as real_time
+
+    db = RatingsDB(tmp_path / "ratings.sqlite")
+    rater_id, _ = db.create_rater("ann")
+    sid, _ = db.create_session("rater", rater_id, max_age_s=3600)
+    assert db.session(sid, max_age_s=3600).rater_id == rater_id
+    later = real_time.time() + 3601
+    monkeypatch.setattr("eval.ratings_db.time.time", lambda: later)
+    assert db.session(sid, max_age_s=3600) is None
+    assert db.session(sid) is not None  # no limit given: the row is still there
+    db.create_session("rater", rater_id, max_age_s=3600)
+    assert db.session(sid) is None  # deleted by the next sign-in
