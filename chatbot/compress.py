@@ -258,9 +258,10 @@ def int8_state_dict(model: ChatModel, float_dtype: torch.dtype | None = None) ->
 
 
 def load_int8_state(model: ChatModel, state: dict[str, Tensor], source: str) -> ChatModel:
-    """Rebuild an int8 model saved by ``int8_state_dict`` into ``model``, a ChatModel of the same config
-    built on the meta device (so no fp32 copy of the linear weights is ever allocated), in place.
-    Raises ValueError naming ``source`` when the file does not match the config."""
+    """Rebuild an int8 model saved by ``int8_state_dict`` into ``model``, a ChatModel of the same config,
+    in place: its float linears are replaced by quantized ones (and freed).  ``model`` may also live on
+    the meta device (its remaining float tensors are then allocated here).  Raises ValueError naming
+    ``source`` when the file does not match the config."""
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
     for parent in list(model.modules()):  # empty quantized linears in place of the float ones
@@ -269,7 +270,8 @@ def load_int8_state(model: ChatModel, state: dict[str, Tensor], source: str) -> 
                 with quiet_ao():
                     setattr(parent, name, QLinear(child.in_features, child.out_features, bias_=child.bias is not None,
                                                   dtype=torch.qint8))
-    model.to_empty(device="cpu")  # the remaining float tensors (norms, depthwise kernels, embedding)
+    if any(t.is_meta for t in model.parameters()):
+        model.to_empty(device="cpu")  # the remaining float tensors (norms, depthwise kernels, embedding)
     model.config = dataclasses.replace(model.config, quantization="int8")
     state = dict(state)
     try:
