@@ -549,10 +549,13 @@ class _Call:
         return reply
 
     def _retrieved_candidates(self, c: int) -> list[ScoredCandidate]:
-        """The human replies of the nearest training examples, scored like the sampled candidates."""
+        """The human replies of the nearest training examples, scored like the sampled candidates and held
+        to the same length limits: a human "Yup!" under the minimum reply length would otherwise outrank
+        every sampled candidate (they are kept from ending early) and undo the minimum."""
         limit = self.model.config.max_target_len - 1  # what the model was trained to score
+        shortest = max(self.min_new_tokens, 1)
         hits = [(hit, ids) for hit in self.memory_hits[c][:self.engine.memory_candidates]
-                if 0 < len(ids := self.tokenizer.encode(hit.text)) <= limit]
+                if shortest <= len(ids := self.tokenizer.encode(hit.text)) <= limit]
         if not hits:
             return []
         scores = teacher_forced_logprobs(self.model, self.enc, [c] * len(hits), [ids for _, ids in hits],

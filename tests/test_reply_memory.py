@@ -149,3 +149,18 @@ def test_serve_engine_takes_the_memory_options(tiny_model_dir, memory_dir):
         torch.set_num_threads(threads)
     (reply,) = engine.reply([["hi, how are you?"]], CONFIG)
     assert [s["kind"] for s in reply.sources] == ["conversation"] * len(reply.sources) and reply.sources
+
+
+def test_retrieved_replies_obey_the_minimum_reply_length(loaded, memory, memory_dir):
+    """A human reply shorter than min_new_tokens is not offered: sampled candidates may not end that early."""
+    example = short_examples(memory_dir, loaded)[10]
+    engine = ReplyEngine(loaded.model, loaded.tokenizer, reply_memory=memory, memory_candidates=5)
+    limit = loaded.model.config.max_target_len - 1
+    lengths = [n for hit in memory.retrieve([example["context"]])[0][:5]
+               if (n := len(loaded.tokenizer.encode(hit.text))) <= limit]
+    floor = sorted(lengths)[len(lengths) // 2] + 1  # above at least half of the retrieved replies
+    config = DecodingConfig(num_candidates=3, seed=4, max_new_tokens=min(max(floor, 6), limit), min_new_tokens=floor)
+    (reply,) = engine.reply([example["context"]], config, return_candidates=True)
+    human = [c for c in reply.candidates if c.kind == "conversation"]
+    assert len(human) == sum(floor <= n for n in lengths) < len(lengths)
+    assert all(len(c.token_ids) >= floor for c in human)
