@@ -1,6 +1,8 @@
 """`make bench`: every benchmark in turn, JSON results under bench/results/, tables on stdout.
 
-Record what it prints in docs/benchmarks.md with the date and machine it prints.
+Record what it prints in docs/benchmarks.md with the date and machine it prints.  Benchmarks over
+training runs or several model directories take them as arguments and are run by hand (docs/benchmarks.md
+gives each command): bench.model_choice, bench.train_large_then_compress, bench.reply_latency.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 BENCHMARKS = [
     "bench.bench_training",
+    "bench.bench_trainer",  # P4: the trainer before and after issue 9, side by side
     "bench.bench_decoding",
     "bench.bench_decoding_quality",
     "bench.bench_service",
