@@ -43,19 +43,29 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
 
-# Reproduces the shipped model (chatbot/assets/default), its checkpoint ladder (runs/ship-et/snapshots) and
-# its equal-parameter vanilla baseline.  The shipped run went in two legs, as SHIP_LEGS says: a cosine to
-# 2,400 steps, then resumed with --max-steps 5000 (the cosine restarts from where the longer schedule is, a
-# warm restart).  On 2 shared CPU cores that took 3.3 hours at 1 thread (see docs/training.md for giving it
-# priority); on a GPU, minutes.  Resumes where it stopped.
+# Reproduces the shipped model (chatbot/assets/default) and its checkpoint ladder (runs/ship-et/snapshots,
+# runs/ship-rag/snapshots), in three legs.  ship-et: a cosine to 2,400 steps, then resumed with --max-steps
+# 5000 (the cosine restarts from where the longer schedule is, a warm restart), packed to runs/ship-et-model.
+# ship-rag: that model trained on with SYNTHETIC knowledge-grounded examples as 20% of the mix and 3 passages
+# in a 256-token source (docs/knowledge.md), a fresh cosine over SHIP_RAG_STEPS.  ship-et took 3.3 hours at 1
+# thread on an AVX2 CPU; ship-rag 80 minutes at 1 thread with native bf16 (docs/benchmarks.md); on a GPU,
+# minutes.  Each leg resumes where it stopped.
 SHIP_LEGS := 2400 5000
+SHIP_RAG_STEPS := 5600
 TRAIN_FLAGS := --data chitchat --tokenizer chatbot/assets/default/tokenizer.json --batch-tokens 4096 \
                --max-steps 2400 --warmup-steps 400 --lr 1e-3 --eval-every 250 --valid-examples 1000 \
                --save-every 50 --snapshot-every 500 --seed 1234 --threads 1
-default-model: $(STAMP)
+RAG_FLAGS = --preset default --set knowledge_passages=3 --set max_source_len=256 --init-from runs/ship-et-model \
+             --tokenizer chatbot/assets/default/tokenizer.json --data chitchat --grounded $(GROUNDED_DATA) \
+             --grounded-share 0.2 --batch-tokens 4096 --max-steps $(SHIP_RAG_STEPS) --warmup-steps 200 \
+             --schedule cosine --lr 5e-4 --eval-every 400 --valid-examples 1000 --save-every 50 \
+             --snapshot-every 800 --seed 4321 --threads 1
+default-model: $(STAMP) grounded-data
 	for steps in $(SHIP_LEGS); do \
 	  $(BIN)/chatbot train --preset default --out runs/ship-et $(TRAIN_FLAGS) --max-steps $$steps || exit 1; done
-	$(BIN)/chatbot pack runs/ship-et chatbot/assets/default --fp16
+	$(BIN)/chatbot pack runs/ship-et runs/ship-et-model --fp16
+	$(BIN)/chatbot train --out runs/ship-rag $(RAG_FLAGS)
+	$(BIN)/chatbot pack runs/ship-rag chatbot/assets/default --fp16
 
 vanilla-baseline: $(STAMP)
 	$(BIN)/chatbot train --preset default-vanilla --out runs/default-vanilla $(TRAIN_FLAGS)
@@ -87,7 +97,7 @@ GROUNDED_FLAGS := --preset default --set knowledge_passages=3 --set max_source_l
                   --schedule constant --lr 5e-4 --eval-every 100 --valid-examples 1000 --save-every 25 \
                   --log-every 10 --seed 1234 --threads 1 --no-progress
 grounded-data: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/chatbot index training-data --out $(GROUNDED_DATA) $(INDEX_FLAG) --no-progress
+	test -f $(GROUNDED_DATA)/train.jsonl || OMP_NUM_THREADS=1 $(BIN)/chatbot index training-data --out $(GROUNDED_DATA) $(INDEX_FLAG) --no-progress
 grounded-model: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/chatbot train --out $(GROUNDED_OUT) $(GROUNDED_FLAGS)
 	$(BIN)/chatbot pack $(GROUNDED_OUT) $(GROUNDED_OUT)-model --fp16
