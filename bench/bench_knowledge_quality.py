@@ -41,6 +41,16 @@ def unigram_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def abstain_pattern() -> "re.Pattern[str]":
+    """Replies in the form of the training data's no-gold replies ("I don't know much about {topic}. ..."),
+    whatever topic the model put in them: the share says how often the model declines instead of stating
+    a fact."""
+    from retrieval.grounded_data import NO_GOLD_REPLIES
+
+    heads = [re.escape(t.split("{topic}")[0].strip()) for t in NO_GOLD_REPLIES]
+    return re.compile("^(" + "|".join(heads) + ")", re.IGNORECASE)
+
+
 def gold_sentence(reply: str) -> str:
     for opener in OPENERS:
         if reply.startswith(opener):
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     min_len = served_min_new_tokens(cfg.max_new_tokens) if args.min_new_tokens is None else args.min_new_tokens
     cfg = DecodingConfig(num_candidates=args.num_candidates, seed=args.seed, min_new_tokens=min_len)
     f1_with, f1_without, nll_with, nll_without, tokens, top_gold = [], [], 0.0, 0.0, 0, 0
+    abstains, samples = abstain_pattern(), []
+    abstained_with = abstained_without = 0
     t0 = time.perf_counter()
     for ex in tqdm(examples, desc="Q4", unit=" question", disable=None):
         context = [t["text"] for t in ex["turns"][:-1]]
@@ -116,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         sentence = gold_sentence(gold)
         f1_without.append(unigram_f1(without.text, sentence))
         f1_with.append(unigram_f1(with_kb.text, sentence))
+        abstained_with += bool(abstains.match(with_kb.text))
+        abstained_without += bool(abstains.match(without.text))
+        if len(samples) < 10:
+            samples.append({"question": context[-1], "gold": sentence, "with": with_kb.text, "without": without.text})
         top_gold += bool(with_kb.sources) and with_kb.sources[0]["id"].split("#")[0] == ex["article"]
         passages = reading.retrieve([context])[0][:n_read] if n_read else []
         a, n = gold_nll(plain, context, gold, None)
@@ -127,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
               "f1_ratio": mean(f1_with) / max(mean(f1_without), 1e-9),
               "ppl_gold_without": math.exp(nll_without / max(tokens, 1)),
               "ppl_gold_with": math.exp(nll_with / max(tokens, 1)), "top_source_is_gold": top_gold / max(len(examples), 1),
+              "abstain_with": abstained_with / max(len(examples), 1),
+              "abstain_without": abstained_without / max(len(examples), 1), "samples": samples,
               "q4_seconds": round(time.perf_counter() - t0, 1)}
     print(f"{len(examples)} held-out questions, model reads {n_read} passages: unigram F1 {result['f1_without']:.3f} "
           f"without retrieval, {result['f1_with']:.3f} with ({result['f1_ratio']:.2f}x; goal >= 2x); gold-reply "
           f"perplexity {result['ppl_gold_without']:.1f} -> {result['ppl_gold_with']:.1f}; top source is the gold "
-          f"article {100 * result['top_source_is_gold']:.0f}%")
+          f"article {100 * result['top_source_is_gold']:.0f}%; replies that decline (the no-gold template) "
+          f"{100 * result['abstain_without']:.0f}% without retrieval, {100 * result['abstain_with']:.0f}% with")
     kb.close()
     if args.chitchat_baseline:
         from eval.perplexity import model_dir_perplexity

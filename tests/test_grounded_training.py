@@ -149,3 +149,15 @@ def test_fine_tune_a_chat_model_to_read_passages(tiny_model_dir, small_corpus, g
     assert any(not np.allclose(v.numpy(), start[k].numpy()) for k, v in loaded.model.state_dict().items())
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "train"][-1] == 4
+
+
+def test_q4_counts_declining_replies_by_the_training_templates():
+    """Q4's abstain share recognises every no-gold reply form, whatever topic fills it, and nothing else."""
+    from bench.bench_knowledge_quality import abstain_pattern
+    from retrieval.grounded_data import NO_GOLD_REPLIES
+
+    pattern = abstain_pattern()
+    for template in NO_GOLD_REPLIES:
+        assert pattern.match(template.format(topic="She Lisa"))
+    assert not pattern.match("Sure. The Mona Lisa was painted by Leonardo da Vinci.")
+    assert not pattern.match("I don't know, what do you think?")
