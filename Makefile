@@ -47,24 +47,19 @@ clean:
 # runs/ship-rag/snapshots), in three legs.  ship-et: a cosine to 2,400 steps, then resumed with --max-steps
 # 5000 (the cosine restarts from where the longer schedule is, a warm restart), packed to runs/ship-et-model.
 # ship-rag: that model trained on with SYNTHETIC knowledge-grounded examples as 20% of the mix and 3 passages
-# in a 256-token source (docs/knowledge.md), a fresh cosine over SHIP_RAG_STEPS.  ship-et took 3.3 hours at 1
-# thread on an AVX2 CPU; ship-rag 80 minutes at 1 thread with native bf16 (docs/benchmarks.md); on a GPU,
-# minutes.  Each leg resumes where it stopped.
+# in a 256-token source (docs/knowledge.md; GROUNDED_FLAGS below), a fresh cosine over SHIP_RAG_STEPS.  ship-et
+# took 3.3 hours at 1 thread on an AVX2 CPU; ship-rag 70 minutes at 1 thread with native bf16
+# (docs/benchmarks.md); on a GPU, minutes.  Each leg resumes where it stopped.
 SHIP_LEGS := 2400 5000
 SHIP_RAG_STEPS := 5600
 TRAIN_FLAGS := --data chitchat --tokenizer chatbot/assets/default/tokenizer.json --batch-tokens 4096 \
                --max-steps 2400 --warmup-steps 400 --lr 1e-3 --eval-every 250 --valid-examples 1000 \
                --save-every 50 --snapshot-every 500 --seed 1234 --threads 1
-RAG_FLAGS = --preset default --set knowledge_passages=3 --set max_source_len=256 --init-from runs/ship-et-model \
-             --tokenizer chatbot/assets/default/tokenizer.json --data chitchat --grounded $(GROUNDED_DATA) \
-             --grounded-share 0.2 --batch-tokens 4096 --max-steps $(SHIP_RAG_STEPS) --warmup-steps 200 \
-             --schedule cosine --lr 5e-4 --eval-every 400 --valid-examples 1000 --save-every 50 \
-             --snapshot-every 800 --seed 4321 --threads 1
 default-model: $(STAMP) grounded-data
 	for steps in $(SHIP_LEGS); do \
 	  $(BIN)/chatbot train --preset default --out runs/ship-et $(TRAIN_FLAGS) --max-steps $$steps || exit 1; done
 	$(BIN)/chatbot pack runs/ship-et runs/ship-et-model --fp16
-	$(BIN)/chatbot train --out runs/ship-rag $(RAG_FLAGS)
+	$(BIN)/chatbot train --out runs/ship-rag $(GROUNDED_FLAGS) --init-from runs/ship-et-model --max-steps $(SHIP_RAG_STEPS)
 	$(BIN)/chatbot pack runs/ship-rag chatbot/assets/default --fp16
 
 vanilla-baseline: $(STAMP)
@@ -81,25 +76,26 @@ SSA_EXAMPLE_FLAGS ?= --n 30 --num-candidates 8 --tiny-steps 0 --ppl-max-examples
 ssa-example: $(STAMP)
 	$(BIN)/python -m eval.example --out docs/ssa-example --ladder runs/ladder $(SSA_EXAMPLE_FLAGS)
 
-# Knowledge-grounded fine-tune (docs/knowledge.md, "Training the model to read passages").  grounded-data writes
-# the SYNTHETIC conversations from the default knowledge base; grounded-model fine-tunes GROUNDED_INIT on chitchat
-# with 30% grounded examples, knowledge_passages=3; grounded-q4 measures Q4 on the held-out articles and the
-# shipping rule (chitchat test perplexity vs GROUNDED_INIT).  Runtimes at 1 thread: docs/benchmarks.md.
+# Knowledge-grounded training (docs/knowledge.md, "Training the model to read passages").  grounded-data writes
+# the SYNTHETIC conversations from the default knowledge base; grounded-model trains GROUNDED_INIT on with them as
+# 20% of the mix, knowledge_passages=3 (the shipped model's third leg, above, is this recipe); grounded-q4 measures
+# Q4 on the held-out articles and the shipping rule (chitchat test perplexity vs GROUNDED_INIT).  Runtimes at 1
+# thread: docs/benchmarks.md.
 GROUNDED_DATA ?= runs/grounded-data
 GROUNDED_INIT ?= chatbot/assets/default
 GROUNDED_OUT  ?= runs/grounded
-GROUNDED_STEPS ?= 300
+GROUNDED_STEPS ?= 5600
 GROUNDED_INDEX ?=
 INDEX_FLAG := $(if $(GROUNDED_INDEX),--index $(GROUNDED_INDEX))
-GROUNDED_FLAGS := --preset default --set knowledge_passages=3 --set max_source_len=256 --init-from $(GROUNDED_INIT) \
-                  --tokenizer $(GROUNDED_INIT)/tokenizer.json --data chitchat --grounded $(GROUNDED_DATA) \
-                  --grounded-share 0.3 --batch-tokens 4096 --max-steps $(GROUNDED_STEPS) --warmup-steps 20 \
-                  --schedule constant --lr 5e-4 --eval-every 100 --valid-examples 1000 --save-every 25 \
-                  --log-every 10 --seed 1234 --threads 1 --no-progress
+GROUNDED_FLAGS = --preset default --set knowledge_passages=3 --set max_source_len=256 \
+                 --tokenizer chatbot/assets/default/tokenizer.json --data chitchat --grounded $(GROUNDED_DATA) \
+                 --grounded-share 0.2 --batch-tokens 4096 --warmup-steps 200 --schedule cosine --lr 5e-4 \
+                 --eval-every 400 --valid-examples 1000 --save-every 50 --snapshot-every 800 --seed 4321 --threads 1
 grounded-data: $(STAMP)
 	test -f $(GROUNDED_DATA)/train.jsonl || OMP_NUM_THREADS=1 $(BIN)/chatbot index training-data --out $(GROUNDED_DATA) $(INDEX_FLAG) --no-progress
 grounded-model: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/chatbot train --out $(GROUNDED_OUT) $(GROUNDED_FLAGS)
+	OMP_NUM_THREADS=1 $(BIN)/chatbot train --out $(GROUNDED_OUT) $(GROUNDED_FLAGS) --init-from $(GROUNDED_INIT) \
+	    --max-steps $(GROUNDED_STEPS)
 	$(BIN)/chatbot pack $(GROUNDED_OUT) $(GROUNDED_OUT)-model --fp16
 grounded-q4: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.bench_knowledge_quality --data $(GROUNDED_DATA) \
