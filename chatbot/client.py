@@ -189,8 +189,8 @@ async def _chat(args: argparse.Namespace) -> int:
                 announced_expiry = client.expired[-1]
                 print(f"session {announced_expiry} expired; new session {client.session_id} "
                       f"(resume with --session {client.session_id})", file=sys.stderr)
-            if not interactive:
-                print(reply["text"], flush=True)
+            if not interactive:  # one reply a line, whatever the model put in it
+                print(reply["text"].replace("\r", " ").replace("\n", " "), flush=True)
             elif "".join(streamed) != reply["text"]:  # replayed, or a retry after a partial stream
                 print(("\n" if streamed else "") + f"bot> {reply['text']}")
             else:

@@ -166,6 +166,13 @@ class Distributed:
         if self.world > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group together: a rank that exits while gloo's threads still run can abort
+        in their destructors ("terminate called without an active exception", seen under load)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 # ----------------------------------------------------------------------------------------- data
 
@@ -389,6 +396,7 @@ class Trainer:
         bar.close()
         if self.metrics_file:
             self.metrics_file.close()
+        self.ddp.close()
         return last_valid
 
     def epoch_batches(self, epoch: int) -> list:

@@ -720,3 +720,32 @@ def test_shutdown_waits_for_the_clients_close_frame(tmp_path: Path, engine, redi
             raw.close()
 
     run(scenario())
+
+
+class MultilineReplies:
+    """The real engine, every reply given a line break (a byte-level model can emit one)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def reply(self, contexts, config, **kwargs):
+        replies = self.inner.reply(contexts, config, **kwargs)
+        for reply in replies:
+            reply.text = "first line\nsecond line"
+        return replies
+
+
+def test_piped_terminal_client_prints_one_line_per_reply(tmp_path: Path, engine) -> None:
+    import sys
+
+    async def scenario():
+        async with served(service_config(tmp_path), MultilineReplies(engine)) as svc:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "chatbot.cli", "client", svc.url, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(b"hi\nhello again\n"), 120)
+            return proc.returncode, out.decode(), err.decode()
+
+    returncode, out, err = asyncio.run(scenario())
+    assert returncode == 0, err
+    assert out.splitlines() == ["first line second line"] * 2
