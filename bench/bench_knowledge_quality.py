@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = list(read_examples(f"{args.data}/heldout.jsonl"))[: args.n]
     from chatbot.ranking import served_min_new_tokens
 
-    cfg = DecodingConfig(num_candidates=args.num_candidates, seed=args.seed)
-    min_len = served_min_new_tokens(cfg.max_new_tokens) if args.min_new_tokens is None else args.min_new_tokens
+    min_len = served_min_new_tokens(DecodingConfig.max_new_tokens) if args.min_new_tokens is None else args.min_new_tokens
     cfg = DecodingConfig(num_candidates=args.num_candidates, seed=args.seed, min_new_tokens=min_len)
     f1_with, f1_without, nll_with, nll_without, tokens, top_gold = [], [], 0.0, 0.0, 0, 0
     abstains, samples = abstain_pattern(), []

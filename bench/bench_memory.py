@@ -95,8 +95,7 @@ def run(model_dir: str | None, knn_dirs: list[str], generation_knn: str | None, 
     contexts = [c for c, _ in examples]
     stats = training_statistics()
     # What the service does unless told otherwise (docs/generation.md, "The default, and why").
-    default = DecodingConfig(seed=seed)
-    min_len = served_min_new_tokens(default.max_new_tokens) if min_new_tokens is None else min_new_tokens
+    min_len = served_min_new_tokens(DecodingConfig.max_new_tokens) if min_new_tokens is None else min_new_tokens
     config = DecodingConfig(seed=seed, min_new_tokens=min_len)
     cost, quality = [], []
     for name, engine in engines(loaded, generation_knn or (knn_dirs[0] if knn_dirs else None), memory_dir).items():

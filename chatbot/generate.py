@@ -347,6 +347,22 @@ def choose(ranked: list[ScoredCandidate]) -> tuple[ScoredCandidate | None, bool]
 # ----------------------------------------------------------------------------------------- the engine
 
 
+def _guarded(source: Retriever | ReplyRetriever | None, contexts: list[list[str]], what: str) -> list[list[Any]]:
+    """``source.retrieve(contexts)``, one list per context; with no source, or when it fails or answers
+    for the wrong number of contexts, empty lists (logged): a lookup may cost a reply its extras, never
+    the reply."""
+    if source is None:
+        return [[] for _ in contexts]
+    try:
+        found = source.retrieve(contexts)
+        if len(found) != len(contexts):
+            raise GenerationError(f"{what} returned {len(found)} lists for {len(contexts)} contexts")
+        return [list(items) for items in found]
+    except Exception:
+        log.exception("%s failed; replying without it", what)
+        return [[] for _ in contexts]
+
+
 class ReplyEngine:
     """Batched reply generation with filters; thread-safe for concurrent ``reply`` calls (no call state
     lives on the engine).  Puts the model in eval mode: dropout would make seeded replies irreproducible."""
@@ -393,29 +409,12 @@ class ReplyEngine:
 
     def retrieve(self, contexts: list[list[str]]) -> list[list[KnowledgePassage]]:
         """Each context's passages; a failing retriever costs the sources, never the reply."""
-        if self.retriever is None:
-            return [[] for _ in contexts]
-        try:
-            found = self.retriever.retrieve(contexts)
-            if len(found) != len(contexts):
-                raise GenerationError(f"retriever returned {len(found)} lists for {len(contexts)} contexts")
-            return [list(passages) for passages in found]
-        except Exception:
-            log.exception("knowledge retrieval failed; replying without knowledge")
-            return [[] for _ in contexts]
+        return _guarded(self.retriever, contexts, "knowledge retrieval")
 
     def retrieve_replies(self, contexts: list[list[str]]) -> list[list[Any]]:
         """Each context's nearest training examples; a failing memory costs them, never the reply."""
-        if self.reply_memory is None or not (self.memory_candidates or self.memory_sources):
-            return [[] for _ in contexts]
-        try:
-            found = self.reply_memory.retrieve(contexts)
-            if len(found) != len(contexts):
-                raise GenerationError(f"reply memory returned {len(found)} lists for {len(contexts)} contexts")
-            return [list(hits) for hits in found]
-        except Exception:
-            log.exception("reply memory retrieval failed; replying without it")
-            return [[] for _ in contexts]
+        wanted = self.memory_candidates or self.memory_sources
+        return _guarded(self.reply_memory if wanted else None, contexts, "reply memory retrieval")
 
     def reply(self, contexts: list[list[str]], config: DecodingConfig = DecodingConfig(), *,
               return_candidates: bool = False, on_piece: PieceCallback | None = None,
